@@ -1,0 +1,21 @@
+"""Relax passes of tvm-scalpel, composable in ``tvm.transform.Sequential``.
+
+* ``PruneWeightGroups``: SIMD-aware weight pruning of dense layers' constant weights.
+* ``RewriteDenseLayers``: dense layers -> grouped-sparse or dense scheduled kernels.
+* ``scalpel_pipeline``: both, followed by TVM's default pipeline, for ``tvm.compile``.
+"""
+
+from .dense_layers import DenseLayer, find_dense_layers
+from .pipeline import scalpel_pipeline
+from .prune_weights import PrunedLayer, PruneWeightGroups
+from .rewrite_dense_layers import LayerDecision, RewriteDenseLayers
+
+__all__ = [
+    "DenseLayer",
+    "find_dense_layers",
+    "PrunedLayer",
+    "PruneWeightGroups",
+    "LayerDecision",
+    "RewriteDenseLayers",
+    "scalpel_pipeline",
+]

@@ -1,0 +1,119 @@
+"""``PruneWeightGroups``: SIMD-aware weight pruning of every dense layer's constant weight."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+import tvm
+from tvm import ir, relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from tvm_scalpel.format import GroupedSparseMatrix
+from tvm_scalpel.pruning import prune_groups
+
+from .dense_layers import find_dense_layers
+
+log = logging.getLogger("tvm_scalpel.passes")
+
+
+@dataclass
+class PrunedLayer:
+    """What ``PruneWeightGroups`` did to one layer (for size tables and ONNX write-back)."""
+
+    index: int
+    name: str
+    shape: tuple[int, int]  # (N outputs, K inputs)
+    group_width: int
+    rate: float  # achieved fraction of weights removed
+    threshold: float  # importance of the strongest removed group
+    dense_bytes: int
+    sparse_bytes: int  # grouped-sparse storage: values + group indices + row pointer
+    original: np.ndarray  # W[N, K] before
+    pruned: np.ndarray  # W[N, K] after
+
+
+@mutator
+class _ConstantReplacer(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule, replace: dict) -> None:
+        super().__init__(mod)
+        self.replace = replace
+
+    def visit_generic_const_(self, const: ir.expr.GenericConst) -> relax.Expr:
+        return self.replace.get(const, const)
+
+
+@tvm.transform.module_pass(opt_level=0, name="PruneWeightGroups")
+class PruneWeightGroups:
+    """Zero whole groups of g consecutive input weights in every dense layer's constant weight.
+
+    Rewrites each dense layer (see ``dense_layers``) of every Relax function: the weight
+    constant is replaced by one in which the least important groups (RMS, MAX or MEAN of a
+    group) are zero, so that ``rate`` of the layer's weights are removed. Shapes, the graph and
+    everything else stay as they were; ``RewriteDenseLayers`` turns the zeros into speed.
+
+    Parameters
+    ----------
+    rate: fraction of weights to remove per layer, in [0, 1); a mapping from layer index to
+        rate prunes only the layers it names.
+    group_width: g; 1 is plain magnitude pruning.
+    importance: "rms" (default), "max" or "mean".
+    report: when a list is given, one ``PrunedLayer`` per pruned layer is appended to it.
+    """
+
+    def __init__(
+        self,
+        rate: float | Mapping[int, float],
+        group_width: int,
+        importance: str = "rms",
+        report: list[PrunedLayer] | None = None,
+    ) -> None:
+        self.rate = rate
+        self.group_width = group_width
+        self.importance = importance
+        self.report = report
+
+    def _rate_for(self, index: int) -> float | None:
+        if isinstance(self.rate, Mapping):
+            return self.rate.get(index)
+        return float(self.rate)
+
+    def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        replace: dict = {}
+        for _, func in mod.functions_items():
+            if not isinstance(func, relax.Function):
+                continue
+            for layer in find_dense_layers(func):
+                rate = self._rate_for(layer.index)
+                if rate is None or layer.weight_const in replace:
+                    continue
+                g = min(self.group_width, layer.shape[1])
+                result = prune_groups(layer.weight, g, rate, self.importance)
+                stored = result.weight if layer.transposed else result.weight.T
+                replace[layer.weight_const] = relax.const(np.ascontiguousarray(stored))
+                sparse = GroupedSparseMatrix.from_dense(result.weight, g)
+                log.info("pruned %s %s: g=%d rate=%.3f", layer.matmul.name, layer.shape, g, result.rate)
+                if self.report is not None:
+                    self.report.append(
+                        PrunedLayer(
+                            index=layer.index,
+                            name=str(layer.matmul.name),
+                            shape=layer.shape,
+                            group_width=g,
+                            rate=result.rate,
+                            threshold=result.threshold,
+                            dense_bytes=sparse.dense_nbytes,
+                            sparse_bytes=sparse.nbytes,
+                            original=layer.weight,
+                            pruned=result.weight,
+                        )
+                    )
+        if not replace:
+            return mod
+        replacer = _ConstantReplacer(mod, replace)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                replacer.builder_.update_func(gv, replacer.visit_expr(func))
+        return replacer.builder_.finalize()

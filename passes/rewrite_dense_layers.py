@@ -1,0 +1,184 @@
+"""``RewriteDenseLayers``: every dense layer becomes a call of one of our scheduled kernels.
+
+A layer whose constant weight is group-sparse enough to pay becomes a call of the grouped-sparse
+dense kernel; the others become a call of our dense kernel (TVM's untuned dense is about 12x
+slower than onnxruntime, so no layer is left to it). Bias and ReLU are fused into the kernel.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from tvm_scalpel import schedules
+from tvm_scalpel.format import GroupedSparseMatrix
+from tvm_scalpel.pruning import recover_group_width
+from tvm_scalpel.targets import TargetProfile, resolve_target
+
+from .dense_layers import DenseLayer, find_dense_layers
+
+log = logging.getLogger("tvm_scalpel.passes")
+
+Mode = Literal["auto", "sparse", "dense"]
+
+
+@dataclass
+class LayerDecision:
+    """How ``RewriteDenseLayers`` lowered one layer."""
+
+    index: int
+    name: str
+    shape: tuple[int, int]
+    kernel: str  # "grouped-sparse" or "dense"
+    group_width: int  # recovered g (1 = unstructured / CSR); 0 for a layer without zeros
+    density: float  # fraction of weights that are non-zero
+    estimated_speedup: float  # dense cost / sparse cost from the cost model
+    bytes: int  # bytes of the weight operands the kernel reads
+
+
+# Cost model, in vector-FMA slots per input row. A dense layer costs N*K/simd. A grouped-sparse
+# layer costs, per kept group, ceil(g/simd) FMAs plus GROUP_OVERHEAD for reading its index and
+# computing the address. Measured on AVX-512 (benchmarks/results/kernels.md): g=16 breaks even
+# near 55% pruning, CSR (g=1) only beyond ~95%, as the paper found for traditional pruning.
+GROUP_OVERHEAD = 1.0
+
+
+def estimated_speedup(sparse: GroupedSparseMatrix, simd_width: int) -> float:
+    n, k = sparse.shape
+    dense_cost = n * k / float(simd_width)
+    per_group = math.ceil(sparse.group_width / simd_width) + GROUP_OVERHEAD
+    sparse_cost = max(sparse.n_groups * per_group, 1.0)
+    return dense_cost / sparse_cost
+
+
+class _Lowering:
+    """Builds the kernel call for one layer."""
+
+    def __init__(self, profile: TargetProfile, mode: Mode) -> None:
+        self.profile = profile
+        self.mode = mode
+
+    def decide(self, layer: DenseLayer) -> tuple[LayerDecision, GroupedSparseMatrix | None]:
+        n, k = layer.shape
+        w = layer.weight
+        density = float(np.count_nonzero(w)) / w.size
+        g = recover_group_width(w, tuple(c for c in (32, 16, 8, 4, 2) if c <= k))
+        sparse = GroupedSparseMatrix.from_dense(w, g) if density < 1.0 else None
+        speedup = estimated_speedup(sparse, self.profile.simd_width) if sparse else 0.0
+        go_sparse = sparse is not None and (
+            self.mode == "sparse" or (self.mode == "auto" and speedup > 1.0)
+        )
+        decision = LayerDecision(
+            index=layer.index,
+            name=str(layer.output.name),
+            shape=(n, k),
+            kernel="grouped-sparse" if go_sparse else "dense",
+            group_width=g if sparse is not None else 0,
+            density=density,
+            estimated_speedup=speedup,
+            bytes=sparse.nbytes if go_sparse else n * k * 4,
+        )
+        return decision, (sparse if go_sparse else None)
+
+    def call(self, bb: relax.BlockBuilder, layer: DenseLayer, data: relax.Expr,
+             sparse: GroupedSparseMatrix | None) -> relax.Call:
+        n, k = layer.shape
+        batch = tensor_batch(data)
+        bias = layer.bias if layer.bias is not None else np.zeros(n, np.float32)
+        out_ty = relax.TensorType((batch, n), "float32")
+        if sparse is not None:
+            packed = schedules.pack_grouped_sparse(sparse)
+            func = schedules.grouped_sparse_dense(
+                self.profile, n, k, sparse.group_width, sparse.n_groups, layer.relu
+            )
+            values = packed.values if sparse.n_groups else np.zeros((1, sparse.group_width), np.float32)
+            offsets = packed.offsets if sparse.n_groups else np.zeros(1, np.int32)
+            gv = bb.add_func(func, f"scalpel_grouped_sparse_dense_{n}x{k}_g{sparse.group_width}")
+            args = [data, relax.const(values), relax.const(offsets), relax.const(packed.indptr),
+                    relax.const(bias)]
+        else:
+            func = schedules.dense(self.profile, n, k, layer.relu)
+            gv = bb.add_func(func, f"scalpel_dense_{n}x{k}")
+            args = [data, relax.const(np.ascontiguousarray(layer.weight)), relax.const(bias)]
+        return relax.call_tir(gv, args, out_ty=out_ty)
+
+
+def tensor_batch(data: relax.Expr):
+    return data.ty.shape.values[0]
+
+
+@relax.expr_functor.mutator
+class _LayerRewriter(relax.expr_functor.PyExprMutator):
+    def __init__(self, mod: tvm.IRModule, lowering: _Lowering) -> None:
+        super().__init__(mod)
+        self.lowering = lowering
+        self.plan: dict = {}  # output var -> (layer, sparse matrix or None)
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        planned = self.plan.get(binding.var)
+        if planned is None:
+            return super().visit_var_binding_(binding)
+        layer, sparse = planned
+        call = self.lowering.call(self.builder_, layer, self.visit_expr(layer.data), sparse)
+        if isinstance(binding.var, relax.DataflowVar):
+            new_var = self.builder_.emit(call, name_hint=binding.var.name)
+        else:
+            new_var = self.builder_.emit_output(call, name_hint=binding.var.name)
+        self.set_var_remap(binding.var, new_var)
+
+
+@tvm.transform.module_pass(opt_level=0, name="RewriteDenseLayers")
+class RewriteDenseLayers:
+    """Rewrite each dense layer ``act(x @ W + b)`` into a call of a scheduled TensorIR kernel.
+
+    For every Relax function, each dense layer found by ``find_dense_layers`` (constant
+    weight, optional constant bias and ReLU) is replaced by ``R.call_tir`` of
+
+    * the grouped-sparse dense kernel, when its weight's zeros form groups (g is recovered from
+      the zero pattern; g = 1 is CSR) and the cost model says sparse pays (``mode="auto"``), or
+      always when there are zeros (``mode="sparse"``);
+    * otherwise our dense kernel.
+
+    The weight, bias and sparse operands become constants of the module. Layers the target has
+    no kernel for are left as they are, with a warning.
+
+    Parameters
+    ----------
+    target: a ``TargetProfile``, a ``tvm.target.Target``, "x86" or a JSON target string.
+    mode: "auto" (the cost model decides), "sparse" (every layer with zeros) or "dense".
+    report: when a list is given, one ``LayerDecision`` per layer is appended to it.
+    """
+
+    def __init__(self, target=None, mode: Mode = "auto", report: list[LayerDecision] | None = None):
+        self.profile = resolve_target(target)
+        self.mode = mode
+        self.report = report
+
+    def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        if not schedules.supports(self.profile):
+            log.warning("no dense-layer kernels for target kind %r: dense layers left to TVM",
+                        self.profile.kind)
+            return mod
+        lowering = _Lowering(self.profile, self.mode)
+        rewriter = _LayerRewriter(mod, lowering)
+        for gv, func in mod.functions_items():
+            if not isinstance(func, relax.Function):
+                continue
+            rewriter.plan = {}
+            for layer in find_dense_layers(func):
+                decision, sparse = lowering.decide(layer)
+                rewriter.plan[layer.output] = (layer, sparse)
+                if self.report is not None:
+                    self.report.append(decision)
+                log.info("layer %s %s -> %s (g=%d, density %.3f)", decision.name,
+                         decision.shape, decision.kernel, decision.group_width, decision.density)
+            if rewriter.plan:
+                new_func = rewriter.visit_expr(func)
+                rewriter.builder_.update_func(gv, relax.analysis.remove_all_unused(new_func))
+        return rewriter.builder_.finalize()

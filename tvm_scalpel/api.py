@@ -1,0 +1,119 @@
+"""The public flows: prune an ONNX model, compile it, run the result."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import tvm
+from tvm import relax
+
+from .errors import ScalpelError
+from .onnx_io import atomic_output, replace_weights, to_relax
+from .passes import LayerDecision, PrunedLayer, PruneWeightGroups, RewriteDenseLayers
+from .pruning import IMPORTANCES
+from .targets import TargetProfile, resolve_target
+
+log = logging.getLogger("tvm_scalpel")
+
+
+@dataclass
+class PruneOutcome:
+    model: onnx.ModelProto  # standard ONNX, pruned weights are zeros
+    layers: list[PrunedLayer]
+    initializer_names: dict[int, str]  # layer index -> ONNX initializer it came from
+
+
+def check_prune_args(rate: float, group_width: int | None, importance: str) -> None:
+    if not 0.0 <= rate < 1.0:
+        raise ScalpelError(f"pruning rate must be in [0, 1), got {rate}")
+    if group_width is not None and group_width < 1:
+        raise ScalpelError(f"group width must be >= 1, got {group_width}")
+    if importance not in IMPORTANCES:
+        raise ScalpelError(f"unknown importance {importance!r}: use one of {', '.join(IMPORTANCES)}")
+
+
+def prune_onnx(
+    model: onnx.ModelProto,
+    rate: float,
+    target: str | TargetProfile | None = "x86",
+    group_width: int | None = None,
+    importance: str = "rms",
+) -> PruneOutcome:
+    """SIMD-aware weight pruning of every dense layer (g defaults to the target's SIMD width)."""
+    check_prune_args(rate, group_width, importance)
+    profile = resolve_target(target)
+    g = group_width or profile.simd_width
+    mod = to_relax(model)
+    report: list[PrunedLayer] = []
+    PruneWeightGroups(rate, g, importance, report=report)(mod)
+    pruned = onnx.ModelProto()
+    pruned.CopyFrom(model)
+    names = replace_weights(pruned, [(r.original, r.pruned) for r in report])
+    by_index = {i: name for name, i in names.items()}
+    for i, layer in enumerate(report):
+        if i not in by_index:
+            log.warning("layer %s %s: weight not found among the initializers, left dense",
+                        layer.name, layer.shape)
+    kept = [r for i, r in enumerate(report) if i in by_index]
+    return PruneOutcome(pruned, kept, {r.index: by_index[i] for i, r in enumerate(report) if i in by_index})
+
+
+@dataclass
+class CompileOutcome:
+    executable: tvm.runtime.Executable
+    layers: list[LayerDecision]
+    profile: TargetProfile
+
+
+def build_relax(mod: tvm.IRModule, target=None, mode: str = "auto") -> CompileOutcome:
+    """Rewrite dense layers to our kernels and compile with TVM's default pipeline."""
+    profile = resolve_target(target)
+    report: list[LayerDecision] = []
+    seq = tvm.transform.Sequential(
+        [RewriteDenseLayers(profile, mode=mode, report=report),
+         relax.get_default_pipeline(profile.target)]
+    )
+    exe = tvm.compile(mod, target=profile.target, relax_pipeline=seq)
+    return CompileOutcome(exe, report, profile)
+
+
+def compile_onnx(model: onnx.ModelProto, target=None, mode: str = "auto") -> CompileOutcome:
+    """Compile an ONNX model; layers whose zeros form groups and pay go grouped-sparse."""
+    if mode not in ("auto", "sparse", "dense"):
+        raise ScalpelError(f"unknown mode {mode!r}: use auto, sparse or dense")
+    return build_relax(to_relax(model), target, mode)
+
+
+def export_library(exe: tvm.runtime.Executable, path: str | os.PathLike) -> None:
+    """Write a loadable shared library, all-or-nothing."""
+    if Path(path).suffix not in (".so", ".dylib", ".dll"):
+        raise ScalpelError(f"{path}: the output library must end in .so")
+    with atomic_output(path) as tmp:
+        exe.export_library(tmp)
+
+
+def load_library(path: str | os.PathLike) -> relax.VirtualMachine:
+    path = Path(path)
+    if not path.is_file():
+        raise ScalpelError(f"{path}: no such file")
+    try:
+        lib = tvm.runtime.load_module(str(path))
+        return relax.VirtualMachine(lib, tvm.cpu())
+    except Exception as err:
+        raise ScalpelError(f"{path}: not a library compiled by tvm-scalpel ({type(err).__name__})") from None
+
+
+def run_library(vm: relax.VirtualMachine, x: np.ndarray) -> np.ndarray:
+    try:
+        out = vm["main"](tvm.runtime.tensor(np.ascontiguousarray(x), tvm.cpu()))
+    except Exception as err:
+        text = [line for line in str(err).strip().splitlines() if line.strip()]
+        raise ScalpelError(f"running the model failed: {text[-1] if text else type(err).__name__}") from None
+    if isinstance(out, (list, tuple)) or hasattr(out, "__len__") and not hasattr(out, "numpy"):
+        out = out[0]
+    return out.numpy()

@@ -1,0 +1,101 @@
+"""Reading ONNX models (with one-line errors) and writing pruned ones back."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import ScalpelError
+
+# onnxruntime reads IR versions up to 13 only; what we write must stay loadable by it.
+MAX_IR_VERSION = 13
+
+
+def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
+    path = Path(path)
+    if not path.exists():
+        raise ScalpelError(f"{path}: no such file")
+    if path.is_dir():
+        raise ScalpelError(f"{path}: is a directory, not an ONNX model")
+    try:
+        model = onnx.load(str(path))
+    except Exception as err:
+        raise ScalpelError(f"{path}: not a readable ONNX model ({type(err).__name__})") from None
+    if not model.graph.node and not model.graph.output:
+        raise ScalpelError(f"{path}: not an ONNX model (no graph)")
+    try:
+        onnx.checker.check_model(model)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ScalpelError(f"{path}: invalid ONNX model: {first}") from None
+    return model
+
+
+def to_relax(model: onnx.ModelProto, source: str = "model"):
+    """Import into Relax; importer failures (an op it cannot take) become one-line errors."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    try:
+        return from_onnx(model, keep_params_in_input=False)
+    except Exception as err:
+        text = str(err).strip().splitlines()
+        detail = next((line for line in reversed(text) if line.strip()), type(err).__name__)
+        raise ScalpelError(f"{source}: TVM cannot import this model: {detail.strip()}") from None
+
+
+def replace_weights(model: onnx.ModelProto, pairs: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, int]:
+    """Swap initializers: each ``(original W[N, K], pruned W[N, K])`` pair replaces the
+    initializer holding ``original`` as ``[N, K]`` (Gemm transB=1) or ``[K, N]`` (MatMul, Gemm).
+
+    The Relax importer does not keep initializer names, so layers are matched by content.
+    Returns ``{initializer name: index of the pair}``.
+    """
+    found: dict[str, int] = {}
+    for init in model.graph.initializer:
+        if init.data_type != onnx.TensorProto.FLOAT or len(init.dims) != 2:
+            continue
+        arr = numpy_helper.to_array(init)
+        for i, (orig, pruned) in enumerate(pairs):
+            if i in found.values():
+                continue
+            if arr.shape == orig.shape and np.array_equal(arr, orig):
+                new = pruned
+            elif arr.shape == orig.T.shape and np.array_equal(arr, orig.T):
+                new = pruned.T
+            else:
+                continue
+            init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(new, np.float32), init.name))
+            found[init.name] = i
+            break
+    return found
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary path beside ``path``; it is renamed onto ``path`` only on success."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise ScalpelError(f"{path}: directory {parent} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".tmp", dir=parent)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_onnx(model: onnx.ModelProto, path: str | os.PathLike) -> None:
+    if model.ir_version > MAX_IR_VERSION:
+        model.ir_version = MAX_IR_VERSION
+    with atomic_output(path) as tmp:
+        onnx.save(model, tmp)

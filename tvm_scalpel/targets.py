@@ -1,0 +1,87 @@
+"""Target profiles: what tvm-scalpel needs to know about the hardware.
+
+A profile wraps a ``tvm.target.Target`` with the two facts Scalpel's choices depend on: the fp32
+SIMD width (the natural group width g) and the parallelism class of the paper (low: micro-
+controllers, moderate: CPUs, high: GPUs).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import tvm
+from tvm.target import codegen
+
+from .errors import ScalpelError
+
+X86_TRIPLE = "x86_64-linux-gnu"
+
+
+@dataclass(frozen=True)
+class TargetProfile:
+    name: str
+    target: tvm.target.Target
+    simd_width: int  # fp32 lanes of one vector register
+    parallelism: str  # "low" | "moderate" | "high"
+
+    @property
+    def kind(self) -> str:
+        return str(self.target.kind.name)
+
+
+def host_target() -> tvm.target.Target:
+    """The machine we run on. ``mcpu=native`` is refused with an explicit triple, so ask LLVM."""
+    return tvm.target.Target(
+        {"kind": "llvm", "mtriple": X86_TRIPLE, "mcpu": codegen.llvm_get_system_cpu()}
+    )
+
+
+def llvm_simd_width(target: tvm.target.Target) -> int:
+    """fp32 lanes of the widest vector unit the LLVM target has."""
+    def has(feature: str) -> bool:
+        return bool(codegen.target_has_features(feature, target))
+
+    if has("avx512f"):
+        return 16
+    if has("avx2") or has("avx"):
+        return 8
+    if has("neon") or has("sse2") or has("mve.fp"):
+        return 4
+    return 1
+
+
+def _profile_of(name: str, target: tvm.target.Target) -> TargetProfile:
+    kind = target.kind.name
+    if kind == "llvm":
+        triple = str(target.attrs.get("mtriple", ""))
+        low = triple.startswith(("thumb", "arm-none", "armv7m", "armv7em"))
+        return TargetProfile(name, target, llvm_simd_width(target), "low" if low else "moderate")
+    if kind in ("cuda", "rocm", "vulkan", "metal", "opencl"):
+        return TargetProfile(name, target, 32, "high")  # a warp of fp32 lanes
+    if kind == "c":
+        return TargetProfile(name, target, 1, "low")
+    raise ScalpelError(f"unsupported target kind {kind!r}")
+
+
+def resolve_target(spec: str | tvm.target.Target | TargetProfile | None = "x86") -> TargetProfile:
+    """``x86`` (the host CPU), a TVM JSON target string, or a ``Target``."""
+    if isinstance(spec, TargetProfile):
+        return spec
+    if spec is None or spec == "x86":
+        return _profile_of("x86", host_target())
+    if isinstance(spec, tvm.target.Target):
+        return _profile_of(str(spec.kind.name), spec)
+    text = str(spec).strip()
+    if not text.startswith("{"):
+        raise ScalpelError(
+            f"unknown target {text!r}: use 'x86' or a TVM JSON target such as "
+            '\'{"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell"}\''
+        )
+    try:
+        config = json.loads(text)
+        target = tvm.target.Target(config)
+    except Exception as err:  # json or TVM's own parse error: one line is enough
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ScalpelError(f"invalid target {text!r}: {first}") from None
+    return _profile_of(str(config.get("kind", "custom")), target)
