@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -40,6 +40,7 @@ class LayerDecision:
     density: float  # fraction of weights that are non-zero
     estimated_speedup: float  # dense cost / sparse cost from the cost model
     bytes: int  # bytes of the weight operands the kernel reads
+    weight: np.ndarray = field(default=None, repr=False)  # W[N, K] as compiled
 
 
 # Cost model, in vector-FMA slots per input row. A dense layer costs N*K/simd. A grouped-sparse
@@ -83,6 +84,7 @@ class _Lowering:
             density=density,
             estimated_speedup=speedup,
             bytes=sparse.nbytes if go_sparse else n * k * 4,
+            weight=w,
         )
         return decision, (sparse if go_sparse else None)
 

@@ -69,6 +69,42 @@ def _epilogue(value, relu: bool):
     return T.max(value, T.float32(0)) if relu else value
 
 
+def _lane_sum(width: int):
+    """Macro: ``acc[i, 0] = sum(acc[i, 0:width])``.
+
+    For a power-of-two width the live lanes are halved log2(width) times with vector adds (a
+    serial sum is a chain of ``width`` dependent adds, LLVM may not reorder float adds, and at
+    ~4 groups a row that chain cost more than the groups themselves); else a serial sum.
+    """
+    tree = width & (width - 1) == 0 and width <= 64
+
+    @T.macro
+    def lane_sum(acc, i):
+        if tree:
+            if width >= 64:
+                for lane in T.vectorized(32):
+                    acc[i, lane] = acc[i, lane] + acc[i, lane + 32]
+            if width >= 32:
+                for lane in T.vectorized(16):
+                    acc[i, lane] = acc[i, lane] + acc[i, lane + 16]
+            if width >= 16:
+                for lane in T.vectorized(8):
+                    acc[i, lane] = acc[i, lane] + acc[i, lane + 8]
+            if width >= 8:
+                for lane in T.vectorized(4):
+                    acc[i, lane] = acc[i, lane] + acc[i, lane + 4]
+            if width >= 4:
+                for lane in T.vectorized(2):
+                    acc[i, lane] = acc[i, lane] + acc[i, lane + 2]
+            if width >= 2:
+                acc[i, 0] = acc[i, 0] + acc[i, 1]
+        else:
+            for lane in range(1, width):
+                acc[i, 0] = acc[i, 0] + acc[i, lane]
+
+    return lane_sum
+
+
 def grouped_sparse_dense_kernel(
     n: int, k: int, g: int, n_groups: int, relu: bool, knobs: CpuKnobs = CpuKnobs()
 ) -> tirx.PrimFunc:
@@ -76,6 +112,7 @@ def grouped_sparse_dense_kernel(
     u, bt = knobs.unroll, knobs.batch_tile
     gemm_rows = T.parallel if knobs.parallel_gemm else T.serial
     gemv_rows = T.parallel if knobs.parallel_gemv else T.serial
+    lane_sum = _lane_sum(g)
     n_groups = max(n_groups, 1)  # an all-zero layer still needs a valid (unused) buffer
 
     @T.prim_func(private=True)
@@ -105,11 +142,8 @@ def grouped_sparse_dense_kernel(
                                 bo * bt + i, offsets[p] + lane
                             ]
                 for i in T.unroll(bt):
-                    total = T.alloc_buffer((1,), "float32", scope="global")
-                    total[0] = bias[r]
-                    for lane in range(g):
-                        total[0] = total[0] + acc[i, lane]
-                    y[bo * bt + i, r] = _epilogue(total[0], relu)
+                    lane_sum(acc, i)
+                    y[bo * bt + i, r] = _epilogue(acc[i, 0] + bias[r], relu)
         # GEMV path: the inputs left over (all of them at batch 1).
         for b in range(batch // bt * bt, batch):
             for r in gemv_rows(n):
@@ -131,11 +165,8 @@ def grouped_sparse_dense_kernel(
                 for a in T.unroll(1, u):  # fold the accumulators vector-wise first
                     for lane in T.vectorized(g):
                         acc[0, lane] = acc[0, lane] + acc[a, lane]
-                total = T.alloc_buffer((1,), "float32", scope="global")
-                total[0] = bias[r]
-                for lane in range(g):
-                    total[0] = total[0] + acc[0, lane]
-                y[b, r] = _epilogue(total[0], relu)
+                lane_sum(acc, 0)
+                y[b, r] = _epilogue(acc[0, 0] + bias[r], relu)
 
     return kernel
 
@@ -148,6 +179,7 @@ def dense_kernel(
     full = k // lanes  # whole vectors per row; the k % lanes tail is scalar
     gemm_rows = T.parallel if knobs.parallel_gemm else T.serial
     gemv_rows = T.parallel if knobs.parallel_gemv else T.serial
+    lane_sum = _lane_sum(lanes)
 
     @T.prim_func(private=True)
     def kernel(
@@ -173,13 +205,10 @@ def dense_kernel(
                                 bo * bt + i, j * lanes + lane
                             ]
                 for i in T.unroll(bt):
-                    total = T.alloc_buffer((1,), "float32", scope="global")
-                    total[0] = bias[r]
-                    for lane in range(lanes):
-                        total[0] = total[0] + acc[i, lane]
+                    lane_sum(acc, i)
                     for c in range(full * lanes, k):
-                        total[0] = total[0] + weight[r, c] * x[bo * bt + i, c]
-                    y[bo * bt + i, r] = _epilogue(total[0], relu)
+                        acc[i, 0] = acc[i, 0] + weight[r, c] * x[bo * bt + i, c]
+                    y[bo * bt + i, r] = _epilogue(acc[i, 0] + bias[r], relu)
         for b in range(batch // bt * bt, batch):
             for r in gemv_rows(n):
                 acc = T.alloc_buffer((u, lanes), "float32", scope="global")
@@ -200,12 +229,9 @@ def dense_kernel(
                 for a in T.unroll(1, u):
                     for lane in T.vectorized(lanes):
                         acc[0, lane] = acc[0, lane] + acc[a, lane]
-                total = T.alloc_buffer((1,), "float32", scope="global")
-                total[0] = bias[r]
-                for lane in range(lanes):
-                    total[0] = total[0] + acc[0, lane]
+                lane_sum(acc, 0)
                 for c in range(full * lanes, k):
-                    total[0] = total[0] + weight[r, c] * x[b, c]
-                y[b, r] = _epilogue(total[0], relu)
+                    acc[0, 0] = acc[0, 0] + weight[r, c] * x[b, c]
+                y[b, r] = _epilogue(acc[0, 0] + bias[r], relu)
 
     return kernel

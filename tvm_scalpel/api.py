@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,8 +95,22 @@ def export_library(exe: tvm.runtime.Executable, path: str | os.PathLike) -> None
     """Write a loadable shared library, all-or-nothing."""
     if Path(path).suffix not in (".so", ".dylib", ".dll"):
         raise ScalpelError(f"{path}: the output library must end in .so")
-    with atomic_output(path) as tmp:
+    with atomic_output(path) as tmp, _quiet_native_stderr():
         exe.export_library(tmp)
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """Hide the C++ runtime's per-constant "Scope Saving" warnings that export prints to fd 2."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def load_library(path: str | os.PathLike) -> relax.VirtualMachine:

@@ -74,7 +74,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_compile(args: argparse.Namespace) -> int:
     from .api import compile_onnx, export_library
-    from .onnx_io import load_onnx
+    from .onnx_io import initializer_names, load_onnx
     from .targets import resolve_target
 
     if Path(args.output).suffix != ".so":
@@ -83,8 +83,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
     model = load_onnx(args.model)
     outcome = compile_onnx(model, profile, mode=args.mode)
     export_library(outcome.executable, args.output)
-    rows = [[d.name, f"{d.shape[0]}x{d.shape[1]}", f"{1 - d.density:.3f}", d.group_width or "-",
-             d.kernel, f"{d.estimated_speedup:.2f}"] for d in outcome.layers]
+    names = initializer_names(model, [d.weight for d in outcome.layers])
+    rows = [[name or d.name, f"{d.shape[0]}x{d.shape[1]}", f"{1 - d.density:.3f}", d.group_width or "-",
+             d.kernel, f"{d.estimated_speedup:.2f}" if d.group_width else "-"] for d, name in zip(outcome.layers, names)]
     print(format_table(["layer", "shape (NxK)", "zeros", "g", "kernel", "est. speedup"], rows))
     sparse = sum(d.kernel == "grouped-sparse" for d in outcome.layers)
     print(f"{sparse} of {len(outcome.layers)} dense layers went grouped-sparse; wrote {args.output}")

@@ -50,27 +50,47 @@ def to_relax(model: onnx.ModelProto, source: str = "model"):
         raise ScalpelError(f"{source}: TVM cannot import this model: {detail.strip()}") from None
 
 
+def _float_matrices(model: onnx.ModelProto):
+    for init in model.graph.initializer:
+        if init.data_type == onnx.TensorProto.FLOAT and len(init.dims) == 2:
+            yield init, numpy_helper.to_array(init)
+
+
+def _orientation(arr: np.ndarray, w: np.ndarray) -> bool | None:
+    """True if ``arr`` holds ``w[N, K]`` transposed, False if as is, None if not at all."""
+    if arr.shape == w.shape and np.array_equal(arr, w):
+        return False
+    if arr.shape == w.T.shape and np.array_equal(arr, w.T):
+        return True
+    return None
+
+
+def initializer_names(model: onnx.ModelProto, weights: list[np.ndarray]) -> list[str | None]:
+    """The initializer that holds each ``W[N, K]`` (as ``[N, K]`` or ``[K, N]``), or None.
+
+    The Relax importer does not keep initializer names, so layers are matched by content.
+    """
+    names: list[str | None] = [None] * len(weights)
+    for init, arr in _float_matrices(model):
+        for i, w in enumerate(weights):
+            if names[i] is None and _orientation(arr, w) is not None:
+                names[i] = init.name
+                break
+    return names
+
+
 def replace_weights(model: onnx.ModelProto, pairs: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, int]:
     """Swap initializers: each ``(original W[N, K], pruned W[N, K])`` pair replaces the
     initializer holding ``original`` as ``[N, K]`` (Gemm transB=1) or ``[K, N]`` (MatMul, Gemm).
-
-    The Relax importer does not keep initializer names, so layers are matched by content.
     Returns ``{initializer name: index of the pair}``.
     """
     found: dict[str, int] = {}
-    for init in model.graph.initializer:
-        if init.data_type != onnx.TensorProto.FLOAT or len(init.dims) != 2:
-            continue
-        arr = numpy_helper.to_array(init)
+    for init, arr in _float_matrices(model):
         for i, (orig, pruned) in enumerate(pairs):
-            if i in found.values():
+            transposed = None if i in found.values() else _orientation(arr, orig)
+            if transposed is None:
                 continue
-            if arr.shape == orig.shape and np.array_equal(arr, orig):
-                new = pruned
-            elif arr.shape == orig.T.shape and np.array_equal(arr, orig.T):
-                new = pruned.T
-            else:
-                continue
+            new = pruned.T if transposed else pruned
             init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(new, np.float32), init.name))
             found[init.name] = i
             break
