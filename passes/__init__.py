@@ -2,10 +2,12 @@
 
 * ``PruneWeightGroups``: SIMD-aware weight pruning of dense layers' constant weights.
 * ``RewriteDenseLayers``: dense layers -> grouped-sparse or dense scheduled kernels.
+* ``FuseDenseChains``: back-to-back kernel calls -> one chained kernel call.
 * ``scalpel_pipeline``: both, followed by TVM's default pipeline, for ``tvm.compile``.
 """
 
 from .dense_layers import DenseLayer, find_dense_layers
+from .fuse_dense_chains import FuseDenseChains
 from .pipeline import scalpel_pipeline
 from .prune_weights import PrunedLayer, PruneWeightGroups
 from .rewrite_dense_layers import LayerDecision, RewriteDenseLayers
@@ -13,6 +15,7 @@ from .rewrite_dense_layers import LayerDecision, RewriteDenseLayers
 __all__ = [
     "DenseLayer",
     "find_dense_layers",
+    "FuseDenseChains",
     "PrunedLayer",
     "PruneWeightGroups",
     "LayerDecision",

@@ -7,6 +7,7 @@ from tvm import relax
 
 from tvm_scalpel.targets import resolve_target
 
+from .fuse_dense_chains import FuseDenseChains
 from .prune_weights import PruneWeightGroups
 from .rewrite_dense_layers import RewriteDenseLayers
 
@@ -18,8 +19,8 @@ def scalpel_pipeline(
     importance: str = "rms",
     mode: str = "auto",
 ) -> tvm.transform.Pass:
-    """Prune (when ``rate`` is given), rewrite dense layers to our kernels, then TVM's default
-    Relax pipeline for the target.
+    """Prune (when ``rate`` is given), rewrite dense layers to our kernels, fuse chains of them,
+    then TVM's default Relax pipeline for the target.
 
     ``group_width`` defaults to the target's fp32 SIMD width.
     Use: ``tvm.compile(mod, target, relax_pipeline=scalpel_pipeline(target, rate=0.9))``.
@@ -29,5 +30,6 @@ def scalpel_pipeline(
     if rate is not None:
         passes.append(PruneWeightGroups(rate, group_width or profile.simd_width, importance))
     passes.append(RewriteDenseLayers(profile, mode=mode))
+    passes.append(FuseDenseChains(profile))
     passes.append(relax.get_default_pipeline(profile.target))
     return tvm.transform.Sequential(passes, name="ScalpelPipeline")

@@ -95,19 +95,17 @@ class _Lowering:
         bias = layer.bias if layer.bias is not None else np.zeros(n, np.float32)
         out_ty = relax.TensorType((batch, n), "float32")
         if sparse is not None:
-            packed = schedules.pack_grouped_sparse(sparse)
-            func = schedules.grouped_sparse_dense(
-                self.profile, n, k, sparse.group_width, sparse.n_groups, layer.relu
-            )
-            values = packed.values if sparse.n_groups else np.zeros((1, sparse.group_width), np.float32)
-            offsets = packed.offsets if sparse.n_groups else np.zeros(1, np.int32)
-            gv = bb.add_func(func, f"scalpel_grouped_sparse_dense_{n}x{k}_g{sparse.group_width}")
-            args = [data, relax.const(values), relax.const(offsets), relax.const(packed.indptr),
-                    relax.const(bias)]
+            packed = schedules.pack_grouped_sparse(sparse)  # handles an all-zero layer too
+            spec = schedules.layer_spec(self.profile, n, k, layer.relu, sparse.group_width,
+                                        sparse.n_groups)
+            name = f"scalpel_grouped_sparse_dense_{n}x{k}_g{sparse.group_width}"
+            operands = [packed.values, packed.offsets, packed.indptr, bias]
         else:
-            func = schedules.dense(self.profile, n, k, layer.relu)
-            gv = bb.add_func(func, f"scalpel_dense_{n}x{k}")
-            args = [data, relax.const(np.ascontiguousarray(layer.weight)), relax.const(bias)]
+            spec = schedules.layer_spec(self.profile, n, k, layer.relu)
+            name = f"scalpel_dense_{n}x{k}"
+            operands = [np.ascontiguousarray(layer.weight), bias]
+        gv = bb.add_func(schedules.kernel(self.profile, [spec]), name)
+        args = [data] + [relax.const(a) for a in operands]
         return relax.call_tir(gv, args, out_ty=out_ty)
 
 

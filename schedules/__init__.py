@@ -1,7 +1,8 @@
 """Kernels for dense layers, one file a target: ``x86.py`` (any LLVM CPU) for now.
 
-Entry points: :func:`grouped_sparse_dense` and :func:`dense` return a TensorIR ``PrimFunc`` for
-the target, with knobs chosen by :func:`default_knobs` unless given.
+Entry points: :func:`layer_spec` describes a layer with the target's default knobs;
+:func:`kernel` returns the TensorIR ``PrimFunc`` for one layer or a chain of layers run back to
+back; :func:`grouped_sparse_dense` and :func:`dense` are the one-layer shortcuts.
 """
 
 from __future__ import annotations
@@ -11,23 +12,25 @@ from tvm import tirx
 from tvm_scalpel.errors import ScalpelError
 from tvm_scalpel.targets import TargetProfile
 
-from .x86 import CpuKnobs, PackedGroupedSparse, pack_grouped_sparse
+from .x86 import CpuKnobs, LayerSpec, PackedGroupedSparse, pack_grouped_sparse
 
 __all__ = [
     "CpuKnobs",
+    "LayerSpec",
     "PackedGroupedSparse",
     "pack_grouped_sparse",
     "default_knobs",
+    "layer_spec",
+    "kernel",
     "grouped_sparse_dense",
     "dense",
     "supports",
 ]
 
 # Multiply-adds per call above which spreading rows over threads beats the fork/join cost of
-# TVM's thread pool. Measured on 2 cores: a 784x300 dense layer (235k) at batch 1 loses with
-# threads, AlexNet fc6 (3.8M at 90% pruning) gains about 1.4x; with the other core busy, the
-# pool's join is far worse, so small layers stay on one thread.
-PARALLEL_MIN_MACS = 1_000_000
+# TVM's thread pool. Measured on 2 idle cores: a 784x300 dense layer (235k) runs 1.7x faster
+# on two threads, a 92%-pruned one (19k) slower. Below this, one thread.
+PARALLEL_MIN_MACS = 200_000
 
 
 def supports(profile: TargetProfile) -> bool:
@@ -50,27 +53,39 @@ def default_knobs(profile: TargetProfile, macs_per_row: int) -> CpuKnobs:
     )
 
 
-def grouped_sparse_dense(
+def layer_spec(
     profile: TargetProfile,
     n: int,
     k: int,
-    g: int,
-    n_groups: int,
     relu: bool,
+    group_width: int = 0,
+    n_groups: int = 0,
+    knobs: CpuKnobs | None = None,
+) -> LayerSpec:
+    """A dense layer (``group_width=0``) or a grouped-sparse one, with the target's knobs."""
+    macs = n_groups * group_width if group_width else n * k
+    return LayerSpec(n, k, relu, group_width, n_groups, lanes=max(profile.simd_width, 1),
+                     knobs=knobs or default_knobs(profile, macs))
+
+
+def kernel(profile: TargetProfile, specs: list[LayerSpec]) -> tirx.PrimFunc:
+    """One function computing the layers back to back: parameters ``x, *operands, y``."""
+    _require(profile)
+    from . import x86
+
+    return x86.chain_kernel(specs)
+
+
+def grouped_sparse_dense(
+    profile: TargetProfile, n: int, k: int, g: int, n_groups: int, relu: bool,
     knobs: CpuKnobs | None = None,
 ) -> tirx.PrimFunc:
     """``y = act(x @ W.T + b)`` for a grouped-sparse W (operands from ``pack_grouped_sparse``)."""
-    from . import x86
-
-    knobs = knobs or default_knobs(profile, n_groups * g)
-    return x86.grouped_sparse_dense_kernel(n, k, g, n_groups, relu, knobs)
+    return kernel(profile, [layer_spec(profile, n, k, relu, g, n_groups, knobs)])
 
 
 def dense(
     profile: TargetProfile, n: int, k: int, relu: bool, knobs: CpuKnobs | None = None
 ) -> tirx.PrimFunc:
     """``y = act(x @ W.T + b)`` for a dense row-major ``W[n, k]``."""
-    from . import x86
-
-    knobs = knobs or default_knobs(profile, n * k)
-    return x86.dense_kernel(n, k, max(profile.simd_width, 1), relu, knobs)
+    return kernel(profile, [layer_spec(profile, n, k, relu, knobs=knobs)])

@@ -1,17 +1,19 @@
 """CPU kernels (x86 AVX-512 / AVX2; any LLVM CPU target) for dense layers, grouped-sparse or dense.
 
-Both kernels compute ``y[b, n] = act(bias[n] + sum_k x[b, k] * W[n, k])`` for a batch ``b`` that
-may be symbolic, and are written directly in TVMScript so that the loop order is exactly the one
-we want (TE puts the fixed group axis outside a data-dependent reduction):
+Every kernel computes ``y[b, n] = act(bias[n] + sum_k x[b, k] * W[n, k])`` for a batch ``b`` that
+may be symbolic. They are built with TVM's IRBuilder (what TVMScript parses into), so the loop
+order is exactly the one we want (TE puts the fixed group axis outside a data-dependent
+reduction) and so that several layers can be emitted into one function (``chain_kernel``):
 
-* the group axis (g weights) is the innermost loop and is ``T.vectorized``: one FMA on a vector
+* the group axis (g weights) is the innermost loop and is vectorized: one FMA on a vector
   register per kept group, the point of SIMD-aware pruning;
 * batch 1 (GEMV) keeps ``unroll`` independent accumulators per row, so consecutive groups do not
   wait on each other's FMA latency;
-* batch > 1 (GEMM) processes ``batch_tile`` inputs at once: each loaded group of weights is
-  used ``batch_tile`` times from registers; the leftover inputs take the GEMV path;
-* rows are spread over the thread pool only where it pays (``parallel`` knobs), because at
-  batch 1 the thread pool's fork/join often costs more than a memory-bound layer gains.
+* batch > 1 (GEMM) processes ``batch_tile`` inputs at once: each loaded group of weights is used
+  ``batch_tile`` times from registers; the leftover inputs take the GEMV path;
+* the lanes of an accumulator are summed by halving (log2 g vector adds), not by a chain of g
+  dependent scalar adds, which at a few groups a row cost more than the groups themselves;
+* rows are spread over the thread pool only where it pays (``parallel`` knobs).
 
 Tail groups: the packed layout (``pack_grouped_sparse``) moves a row's partial last group to
 start at ``K - g``, with zeros in the lanes it shares with the previous group, so every load is
@@ -20,23 +22,71 @@ a full, in-bounds vector and no lane needs a bounds check.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from tvm import tirx
-from tvm.script import tirx as T
+from tvm.script.ir_builder import IRBuilder
+from tvm.script.ir_builder import tirx as T
 
 from tvm_scalpel.format import GroupedSparseMatrix
+
+F32 = "float32"
 
 
 @dataclass(frozen=True)
 class CpuKnobs:
     """Schedule knobs of the CPU kernels (what autotuning searches)."""
 
-    unroll: int = 4  # independent accumulators per row in the GEMV path
+    unroll: int = 2  # independent accumulators per row in the GEMV path
     batch_tile: int = 8  # inputs that share each weight load in the GEMM path
     parallel_gemv: bool = False  # spread rows over threads at batch 1
-    parallel_gemm: bool = True  # spread rows over threads for batch tiles
+    parallel_gemm: bool = False  # spread rows over threads for batch tiles
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One dense layer as a kernel sees it. ``group_width=0`` means a dense weight."""
+
+    n: int
+    k: int
+    relu: bool
+    group_width: int = 0
+    n_groups: int = 0
+    lanes: int = 16  # vector width of the dense kernel
+    knobs: CpuKnobs = field(default_factory=CpuKnobs)
+
+    @property
+    def sparse(self) -> bool:
+        return self.group_width > 0
+
+    def operand_types(self) -> list[tuple[str, tuple[int, ...], str]]:
+        """Constant operands after x, in kernel-parameter order."""
+        if self.sparse:
+            groups = max(self.n_groups, 1)  # an all-zero layer still needs a valid buffer
+            return [("values", (groups, self.group_width), F32), ("offsets", (groups,), "int32"),
+                    ("indptr", (self.n + 1,), "int32"), ("bias", (self.n,), F32)]
+        return [("weight", (self.n, self.k), F32), ("bias", (self.n,), F32)]
+
+    def to_attr(self) -> dict:
+        """A plain dict, stored on the PrimFunc so later passes can rebuild the kernel."""
+        d = asdict(self)
+        d.update(d.pop("knobs"))
+        return d
+
+    @classmethod
+    def from_attr(cls, attr) -> "LayerSpec":
+        d = {str(k): v for k, v in dict(attr).items()}
+        knob_names = CpuKnobs.__dataclass_fields__
+        knobs = CpuKnobs(**{k: _py(d.pop(k)) for k in list(d) if k in knob_names})
+        return cls(knobs=knobs, **{k: _py(v) for k, v in d.items()})
+
+
+def _py(value):
+    """TVM attribute values back to Python ints / bools."""
+    if isinstance(value, (bool, int)):
+        return value
+    return int(value.value) if hasattr(value, "value") else int(value)
 
 
 @dataclass(frozen=True)
@@ -62,176 +112,169 @@ def pack_grouped_sparse(m: GroupedSparseMatrix) -> PackedGroupedSparse:
         rows = shift == s
         values[rows, s:] = m.values[rows, : g - s]
         values[rows, :s] = 0.0  # lanes that belong to the previous group
+    if m.n_groups == 0:
+        return PackedGroupedSparse(np.zeros((1, g), np.float32), np.zeros(1, np.int32),
+                                   m.indptr.astype(np.int32))
     return PackedGroupedSparse(values, offsets.astype(np.int32), m.indptr.astype(np.int32))
 
 
-def _epilogue(value, relu: bool):
-    return T.max(value, T.float32(0)) if relu else value
+# ----------------------------------------------------------------------------------------------
+# Emitters: each writes statements into the IRBuilder frame that is open.
 
 
-def _lane_sum(width: int):
-    """Macro: ``acc[i, 0] = sum(acc[i, 0:width])``.
+def _rows(n: int, parallel: bool):
+    return T.parallel(0, n) if parallel else T.serial(0, n)
 
-    For a power-of-two width the live lanes are halved log2(width) times with vector adds (a
-    serial sum is a chain of ``width`` dependent adds, LLVM may not reorder float adds, and at
-    ~4 groups a row that chain cost more than the groups themselves); else a serial sum.
+
+def _store(buf, value, *idx) -> None:
+    T.buffer_store(buf, value, list(idx))
+
+
+def _zero(acc, count: int, width: int) -> None:
+    for i in range(count):
+        with T.vectorized(0, width) as lane:
+            _store(acc, tirx.const(0, F32), i, lane)
+
+
+def _lane_sum(acc, i: int, width: int) -> None:
+    """``acc[i, 0] = sum(acc[i, :width])``, halving the live lanes with vector adds."""
+    live = width
+    while live > 1:
+        half = live // 2
+        with T.vectorized(0, half) as lane:
+            _store(acc, acc[i, lane] + acc[i, lane + (live - half)], i, lane)
+        if live % 2:  # odd width: the middle lane was not folded
+            _store(acc, acc[i, 0] + acc[i, half], i, 0)
+        live = half
+
+
+def _finish(y, b, r, value, relu: bool) -> None:
+    _store(y, tirx.max(value, tirx.const(0, F32)) if relu else value, b, r)
+
+
+def emit_layer(spec: LayerSpec, x, operands: list, y, batch) -> None:
+    """Emit ``y = act(x @ W.T + bias)`` for one layer (operands as ``spec.operand_types()``)."""
+    if spec.sparse:
+        _emit_grouped_sparse(spec, x, *operands, y, batch)
+    else:
+        _emit_dense(spec, x, *operands, y, batch)
+
+
+def _emit_grouped_sparse(spec: LayerSpec, x, values, offsets, indptr, bias, y, batch) -> None:
+    g, u, bt, n = spec.group_width, spec.knobs.unroll, spec.knobs.batch_tile, spec.n
+    # GEMM path: bt inputs share every group of weights loaded.
+    with T.serial(0, batch // bt) as bo:
+        with _rows(n, spec.knobs.parallel_gemm) as r:
+            acc = T.alloc_buffer((bt, g), F32, scope="global")  # "global": a stack array
+            _zero(acc, bt, g)
+            with T.serial(indptr[r], indptr[r + 1]) as p:
+                for i in range(bt):
+                    with T.vectorized(0, g) as lane:
+                        row = bo * bt + i
+                        _store(acc, acc[i, lane] + values[p, lane] * x[row, offsets[p] + lane], i, lane)
+            for i in range(bt):
+                _lane_sum(acc, i, g)
+                _finish(y, bo * bt + i, r, acc[i, 0] + bias[r], spec.relu)
+    # GEMV path: the inputs left over (all of them at batch 1).
+    with T.serial(batch // bt * bt, batch) as b:
+        with _rows(n, spec.knobs.parallel_gemv) as r:
+            acc = T.alloc_buffer((u, g), F32, scope="global")
+            _zero(acc, u, g)
+            start = indptr[r]
+            count = indptr[r + 1] - start
+            with T.serial(0, count // u) as q:
+                for a in range(u):
+                    p = start + q * u + a
+                    with T.vectorized(0, g) as lane:
+                        _store(acc, acc[a, lane] + values[p, lane] * x[b, offsets[p] + lane], a, lane)
+            with T.serial(start + count // u * u, start + count) as p:
+                with T.vectorized(0, g) as lane:
+                    _store(acc, acc[0, lane] + values[p, lane] * x[b, offsets[p] + lane], 0, lane)
+            for a in range(1, u):  # fold the accumulators vector-wise first
+                with T.vectorized(0, g) as lane:
+                    _store(acc, acc[0, lane] + acc[a, lane], 0, lane)
+            _lane_sum(acc, 0, g)
+            _finish(y, b, r, acc[0, 0] + bias[r], spec.relu)
+
+
+def _emit_dense(spec: LayerSpec, x, weight, bias, y, batch) -> None:
+    lanes, u, bt, n, k = spec.lanes, spec.knobs.unroll, spec.knobs.batch_tile, spec.n, spec.k
+    full = k // lanes  # whole vectors per row; the k % lanes tail is scalar
+    with T.serial(0, batch // bt) as bo:
+        with _rows(n, spec.knobs.parallel_gemm) as r:
+            acc = T.alloc_buffer((bt, lanes), F32, scope="global")
+            _zero(acc, bt, lanes)
+            with T.serial(0, full) as j:
+                for i in range(bt):
+                    with T.vectorized(0, lanes) as lane:
+                        c = j * lanes + lane
+                        _store(acc, acc[i, lane] + weight[r, c] * x[bo * bt + i, c], i, lane)
+            for i in range(bt):
+                _lane_sum(acc, i, lanes)
+                with T.serial(full * lanes, k) as c:
+                    _store(acc, acc[i, 0] + weight[r, c] * x[bo * bt + i, c], i, 0)
+                _finish(y, bo * bt + i, r, acc[i, 0] + bias[r], spec.relu)
+    with T.serial(batch // bt * bt, batch) as b:
+        with _rows(n, spec.knobs.parallel_gemv) as r:
+            acc = T.alloc_buffer((u, lanes), F32, scope="global")
+            _zero(acc, u, lanes)
+            with T.serial(0, full // u) as q:
+                for a in range(u):
+                    with T.vectorized(0, lanes) as lane:
+                        c = (q * u + a) * lanes + lane
+                        _store(acc, acc[a, lane] + weight[r, c] * x[b, c], a, lane)
+            with T.serial(full // u * u, full) as j:
+                with T.vectorized(0, lanes) as lane:
+                    c = j * lanes + lane
+                    _store(acc, acc[0, lane] + weight[r, c] * x[b, c], 0, lane)
+            for a in range(1, u):
+                with T.vectorized(0, lanes) as lane:
+                    _store(acc, acc[0, lane] + acc[a, lane], 0, lane)
+            _lane_sum(acc, 0, lanes)
+            with T.serial(full * lanes, k) as c:
+                _store(acc, acc[0, 0] + weight[r, c] * x[b, c], 0, 0)
+            _finish(y, b, r, acc[0, 0] + bias[r], spec.relu)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels: whole PrimFuncs.
+
+
+def chain_kernel(specs: list[LayerSpec]) -> tirx.PrimFunc:
+    """One function running ``specs`` back to back: ``x, *operands of each layer, y``.
+
+    Intermediate activations live in a workspace buffer; compared with one call per layer, the
+    Relax VM saves an allocation, a shape computation and a call per layer (about 1 us each,
+    as much as a 92%-pruned LeNet layer costs).
     """
-    tree = width & (width - 1) == 0 and width <= 64
-
-    @T.macro
-    def lane_sum(acc, i):
-        if tree:
-            if width >= 64:
-                for lane in T.vectorized(32):
-                    acc[i, lane] = acc[i, lane] + acc[i, lane + 32]
-            if width >= 32:
-                for lane in T.vectorized(16):
-                    acc[i, lane] = acc[i, lane] + acc[i, lane + 16]
-            if width >= 16:
-                for lane in T.vectorized(8):
-                    acc[i, lane] = acc[i, lane] + acc[i, lane + 8]
-            if width >= 8:
-                for lane in T.vectorized(4):
-                    acc[i, lane] = acc[i, lane] + acc[i, lane + 4]
-            if width >= 4:
-                for lane in T.vectorized(2):
-                    acc[i, lane] = acc[i, lane] + acc[i, lane + 2]
-            if width >= 2:
-                acc[i, 0] = acc[i, 0] + acc[i, 1]
-        else:
-            for lane in range(1, width):
-                acc[i, 0] = acc[i, 0] + acc[i, lane]
-
-    return lane_sum
+    for a, b in zip(specs, specs[1:]):
+        if a.n != b.k:
+            raise ValueError(f"layer of {a.n} outputs cannot feed a layer of {b.k} inputs")
+    with IRBuilder() as builder:
+        with T.prim_func(private=True):
+            T.func_attr({"tir.noalias": True, "scalpel.layers": [s.to_attr() for s in specs]})
+            batch = tirx.Var("batch", "int64")
+            x = T.arg("x", T.buffer((batch, specs[0].k), F32))
+            operands = [[T.arg(f"{name}{i}", T.buffer(shape, dtype))
+                         for name, shape, dtype in spec.operand_types()]
+                        for i, spec in enumerate(specs)]
+            y = T.arg("y", T.buffer((batch, specs[-1].n), F32))
+            inputs = [x] + [T.alloc_buffer((batch, s.n), F32) for s in specs[:-1]]
+            outputs = inputs[1:] + [y]
+            for spec, xi, ops, yi in zip(specs, inputs, operands, outputs):
+                emit_layer(spec, xi, ops, yi, batch)
+    return builder.get()
 
 
 def grouped_sparse_dense_kernel(
     n: int, k: int, g: int, n_groups: int, relu: bool, knobs: CpuKnobs = CpuKnobs()
 ) -> tirx.PrimFunc:
     """``y = act(x @ W.T + bias)`` with W in the packed grouped-sparse layout."""
-    u, bt = knobs.unroll, knobs.batch_tile
-    gemm_rows = T.parallel if knobs.parallel_gemm else T.serial
-    gemv_rows = T.parallel if knobs.parallel_gemv else T.serial
-    lane_sum = _lane_sum(g)
-    n_groups = max(n_groups, 1)  # an all-zero layer still needs a valid (unused) buffer
-
-    @T.prim_func(private=True)
-    def kernel(
-        x_handle: T.handle,
-        values: T.Buffer((n_groups, g), "float32"),
-        offsets: T.Buffer((n_groups,), "int32"),
-        indptr: T.Buffer((n + 1,), "int32"),
-        bias: T.Buffer((n,), "float32"),
-        y_handle: T.handle,
-    ):
-        T.func_attr({"tir.noalias": True})
-        batch = T.int64()
-        x = T.match_buffer(x_handle, (batch, k), "float32")
-        y = T.match_buffer(y_handle, (batch, n), "float32")
-        # GEMM path: bt inputs share every group of weights loaded.
-        for bo in range(batch // bt):
-            for r in gemm_rows(n):
-                acc = T.alloc_buffer((bt, g), "float32", scope="global")
-                for i in T.unroll(bt):
-                    for lane in T.vectorized(g):
-                        acc[i, lane] = T.float32(0)
-                for p in range(indptr[r], indptr[r + 1]):
-                    for i in T.unroll(bt):
-                        for lane in T.vectorized(g):
-                            acc[i, lane] = acc[i, lane] + values[p, lane] * x[
-                                bo * bt + i, offsets[p] + lane
-                            ]
-                for i in T.unroll(bt):
-                    lane_sum(acc, i)
-                    y[bo * bt + i, r] = _epilogue(acc[i, 0] + bias[r], relu)
-        # GEMV path: the inputs left over (all of them at batch 1).
-        for b in range(batch // bt * bt, batch):
-            for r in gemv_rows(n):
-                acc = T.alloc_buffer((u, g), "float32", scope="global")
-                for a in T.unroll(u):
-                    for lane in T.vectorized(g):
-                        acc[a, lane] = T.float32(0)
-                start = indptr[r]
-                count = indptr[r + 1] - start
-                for q in range(count // u):
-                    for a in T.unroll(u):
-                        for lane in T.vectorized(g):
-                            acc[a, lane] = acc[a, lane] + values[start + q * u + a, lane] * x[
-                                b, offsets[start + q * u + a] + lane
-                            ]
-                for p in range(start + count // u * u, start + count):
-                    for lane in T.vectorized(g):
-                        acc[0, lane] = acc[0, lane] + values[p, lane] * x[b, offsets[p] + lane]
-                for a in T.unroll(1, u):  # fold the accumulators vector-wise first
-                    for lane in T.vectorized(g):
-                        acc[0, lane] = acc[0, lane] + acc[a, lane]
-                lane_sum(acc, 0)
-                y[b, r] = _epilogue(acc[0, 0] + bias[r], relu)
-
-    return kernel
+    return chain_kernel([LayerSpec(n, k, relu, g, n_groups, knobs=knobs)])
 
 
 def dense_kernel(
     n: int, k: int, lanes: int, relu: bool, knobs: CpuKnobs = CpuKnobs()
 ) -> tirx.PrimFunc:
     """``y = act(x @ W.T + bias)`` with a dense row-major ``W[n, k]``, vectorized by ``lanes``."""
-    u, bt = knobs.unroll, knobs.batch_tile
-    full = k // lanes  # whole vectors per row; the k % lanes tail is scalar
-    gemm_rows = T.parallel if knobs.parallel_gemm else T.serial
-    gemv_rows = T.parallel if knobs.parallel_gemv else T.serial
-    lane_sum = _lane_sum(lanes)
-
-    @T.prim_func(private=True)
-    def kernel(
-        x_handle: T.handle,
-        weight: T.Buffer((n, k), "float32"),
-        bias: T.Buffer((n,), "float32"),
-        y_handle: T.handle,
-    ):
-        T.func_attr({"tir.noalias": True})
-        batch = T.int64()
-        x = T.match_buffer(x_handle, (batch, k), "float32")
-        y = T.match_buffer(y_handle, (batch, n), "float32")
-        for bo in range(batch // bt):
-            for r in gemm_rows(n):
-                acc = T.alloc_buffer((bt, lanes), "float32", scope="global")
-                for i in T.unroll(bt):
-                    for lane in T.vectorized(lanes):
-                        acc[i, lane] = T.float32(0)
-                for j in range(full):
-                    for i in T.unroll(bt):
-                        for lane in T.vectorized(lanes):
-                            acc[i, lane] = acc[i, lane] + weight[r, j * lanes + lane] * x[
-                                bo * bt + i, j * lanes + lane
-                            ]
-                for i in T.unroll(bt):
-                    lane_sum(acc, i)
-                    for c in range(full * lanes, k):
-                        acc[i, 0] = acc[i, 0] + weight[r, c] * x[bo * bt + i, c]
-                    y[bo * bt + i, r] = _epilogue(acc[i, 0] + bias[r], relu)
-        for b in range(batch // bt * bt, batch):
-            for r in gemv_rows(n):
-                acc = T.alloc_buffer((u, lanes), "float32", scope="global")
-                for a in T.unroll(u):
-                    for lane in T.vectorized(lanes):
-                        acc[a, lane] = T.float32(0)
-                for q in range(full // u):
-                    for a in T.unroll(u):
-                        for lane in T.vectorized(lanes):
-                            acc[a, lane] = acc[a, lane] + weight[
-                                r, (q * u + a) * lanes + lane
-                            ] * x[b, (q * u + a) * lanes + lane]
-                for j in range(full // u * u, full):
-                    for lane in T.vectorized(lanes):
-                        acc[0, lane] = acc[0, lane] + weight[r, j * lanes + lane] * x[
-                            b, j * lanes + lane
-                        ]
-                for a in T.unroll(1, u):
-                    for lane in T.vectorized(lanes):
-                        acc[0, lane] = acc[0, lane] + acc[a, lane]
-                lane_sum(acc, 0)
-                for c in range(full * lanes, k):
-                    acc[0, 0] = acc[0, 0] + weight[r, c] * x[b, c]
-                y[b, r] = _epilogue(acc[0, 0] + bias[r], relu)
-
-    return kernel
+    return chain_kernel([LayerSpec(n, k, relu, lanes=lanes, knobs=knobs)])

@@ -16,7 +16,13 @@ from tvm import relax
 
 from .errors import ScalpelError
 from .onnx_io import atomic_output, replace_weights, to_relax
-from .passes import LayerDecision, PrunedLayer, PruneWeightGroups, RewriteDenseLayers
+from .passes import (
+    FuseDenseChains,
+    LayerDecision,
+    PrunedLayer,
+    PruneWeightGroups,
+    RewriteDenseLayers,
+)
 from .pruning import IMPORTANCES
 from .targets import TargetProfile, resolve_target
 
@@ -72,23 +78,24 @@ class CompileOutcome:
     profile: TargetProfile
 
 
-def build_relax(mod: tvm.IRModule, target=None, mode: str = "auto") -> CompileOutcome:
-    """Rewrite dense layers to our kernels and compile with TVM's default pipeline."""
+def build_relax(mod: tvm.IRModule, target=None, mode: str = "auto", fuse: bool = True) -> CompileOutcome:
+    """Rewrite dense layers to our kernels (fusing chains of them unless ``fuse=False``) and
+    compile with TVM's default pipeline."""
     profile = resolve_target(target)
     report: list[LayerDecision] = []
-    seq = tvm.transform.Sequential(
-        [RewriteDenseLayers(profile, mode=mode, report=report),
-         relax.get_default_pipeline(profile.target)]
-    )
+    passes = [RewriteDenseLayers(profile, mode=mode, report=report)]
+    if fuse:
+        passes.append(FuseDenseChains(profile))
+    seq = tvm.transform.Sequential(passes + [relax.get_default_pipeline(profile.target)])
     exe = tvm.compile(mod, target=profile.target, relax_pipeline=seq)
     return CompileOutcome(exe, report, profile)
 
 
-def compile_onnx(model: onnx.ModelProto, target=None, mode: str = "auto") -> CompileOutcome:
+def compile_onnx(model: onnx.ModelProto, target=None, mode: str = "auto", fuse: bool = True) -> CompileOutcome:
     """Compile an ONNX model; layers whose zeros form groups and pay go grouped-sparse."""
     if mode not in ("auto", "sparse", "dense"):
         raise ScalpelError(f"unknown mode {mode!r}: use auto, sparse or dense")
-    return build_relax(to_relax(model), target, mode)
+    return build_relax(to_relax(model), target, mode, fuse)
 
 
 def export_library(exe: tvm.runtime.Executable, path: str | os.PathLike) -> None:
