@@ -134,6 +134,16 @@ def find_dense_layers(func: relax.Function, warn: bool = True) -> list[DenseLaye
     return layers
 
 
+def _bias_vector(bias: np.ndarray | None, n: int) -> np.ndarray | None:
+    """A constant added to ``[B, N]`` as a vector of N, when it broadcasts without changing the
+    output's shape: a scalar, ``[1]``, ``[N]``, ``[1, 1]`` or ``[1, N]``."""
+    if bias is None or bias.dtype != np.float32 or bias.ndim > 2:
+        return None
+    if bias.ndim and (bias.shape[-1] not in (1, n) or any(d != 1 for d in bias.shape[:-1])):
+        return None
+    return np.ascontiguousarray(np.broadcast_to(bias.reshape(-1), (n,)), dtype=np.float32)
+
+
 def _absorb_epilogue(layer: DenseLayer, values: dict, readers: dict, uses: dict) -> None:
     """Extend the layer over a following bias ``add`` and ``relu`` read by nobody else."""
     n = layer.shape[0]
@@ -141,9 +151,9 @@ def _absorb_epilogue(layer: DenseLayer, values: dict, readers: dict, uses: dict)
     if nxt is not None and uses.get(layer.output) == 1 and op_name(values[nxt]) == "relax.add":
         lhs, rhs = values[nxt].args
         other = rhs if lhs.same_as(layer.output) else lhs
-        bias = const_array(other)
-        if bias is not None and bias.dtype == np.float32 and bias.size == n and bias.shape[-1] == n:
-            layer.bias = bias.reshape(n)
+        bias = _bias_vector(const_array(other), n)
+        if bias is not None:
+            layer.bias = bias
             layer.fused.append(layer.output)
             layer.output = nxt
     nxt = readers.get(layer.output)

@@ -82,11 +82,15 @@ def build_relax(mod: tvm.IRModule, target=None, mode: str = "auto", fuse: bool =
     """Rewrite dense layers to our kernels (fusing chains of them unless ``fuse=False``) and
     compile with TVM's default pipeline."""
     profile = resolve_target(target)
+    try:
+        default_pipeline = relax.get_default_pipeline(profile.target)
+    except ValueError:
+        raise ScalpelError(f"TVM cannot compile whole models for target kind {profile.kind!r}") from None
     report: list[LayerDecision] = []
     passes = [RewriteDenseLayers(profile, mode=mode, report=report)]
     if fuse:
         passes.append(FuseDenseChains(profile))
-    seq = tvm.transform.Sequential(passes + [relax.get_default_pipeline(profile.target)])
+    seq = tvm.transform.Sequential(passes + [default_pipeline])
     exe = tvm.compile(mod, target=profile.target, relax_pipeline=seq)
     return CompileOutcome(exe, report, profile)
 
@@ -102,7 +106,7 @@ def export_library(exe: tvm.runtime.Executable, path: str | os.PathLike) -> None
     """Write a loadable shared library, all-or-nothing."""
     if Path(path).suffix not in (".so", ".dylib", ".dll"):
         raise ScalpelError(f"{path}: the output library must end in .so")
-    with atomic_output(path) as tmp, _quiet_native_stderr():
+    with atomic_output(path, executable=True) as tmp, _quiet_native_stderr():
         exe.export_library(tmp)
 
 

@@ -98,20 +98,30 @@ def replace_weights(model: onnx.ModelProto, pairs: list[tuple[np.ndarray, np.nda
 
 
 @contextlib.contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[str]:
-    """Yield a temporary path beside ``path``; it is renamed onto ``path`` only on success."""
+def atomic_output(path: str | os.PathLike, executable: bool = False) -> Iterator[str]:
+    """Yield a temporary path beside ``path``; it is renamed onto ``path`` only on success,
+    with the mode a plain ``open`` (or, for ``executable``, a linker) would have given it."""
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise ScalpelError(f"{path}: directory {parent} does not exist")
+    if path.is_dir():
+        raise ScalpelError(f"{path}: is a directory; give a file name")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".tmp", dir=parent)
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, (0o777 if executable else 0o666) & ~_umask())  # mkstemp makes 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_onnx(model: onnx.ModelProto, path: str | os.PathLike) -> None:
