@@ -10,6 +10,7 @@ from .dense_layers import DenseLayer, find_dense_layers
 from .fuse_dense_chains import FuseDenseChains
 from .pipeline import scalpel_pipeline
 from .prune_weights import PrunedLayer, PruneWeightGroups
+from .remove_masked_nodes import MaskedLayer, RemoveMaskedNodes
 from .rewrite_dense_layers import LayerDecision, RewriteDenseLayers
 
 __all__ = [

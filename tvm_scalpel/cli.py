@@ -43,17 +43,103 @@ def _group_width(text: str) -> int:
     return value
 
 
+def _load_model(spec: str):
+    """An ONNX file, or the name of a built-in network (lenet-300-100, lenet5)."""
+    from . import models
+    from .onnx_io import load_onnx
+
+    builders = {"lenet-300-100": models.lenet_300_100, "lenet5": models.lenet5}
+    if spec in builders and not Path(spec).exists():
+        return builders[spec]()
+    return load_onnx(spec)
+
+
+def _load_data(spec: str | None):
+    from .data import load_data, mnist_sample
+
+    if spec is None or spec == "mnist-sample":
+        return mnist_sample()
+    return load_data(spec)
+
+
+def _settings(args: argparse.Namespace, epochs: int):
+    from .finetune import TrainSettings
+
+    return TrainSettings(epochs=epochs, lr=args.lr, optimizer=args.optimizer,
+                         batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
+
+
+def _print_accuracy(label: str, value: float | None) -> None:
+    if value is not None:
+        print(f"test accuracy {label}: {value * 100:.2f}%")
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     from .api import prune_onnx
-    from .onnx_io import load_onnx, save_onnx
+    from .onnx_io import save_onnx
     from .targets import resolve_target
 
     profile = resolve_target(args.target)
-    model = load_onnx(args.model)
-    outcome = prune_onnx(model, args.rate, profile, args.group_width, args.importance)
+    model = _load_model(args.model)
+    wants_data = args.fine_tune or args.max_accuracy_drop is not None or args.nodes_criterion == "masks" and args.nodes is not None
+    data = _load_data(args.data) if (wants_data or args.data) else None
+    acc_in = None
+    if data is not None:
+        from .finetune import accuracy, fit_data
+
+        fit_data(model, data)  # shape check before any long work
+        acc_in = accuracy(model, data)
+
+    if args.nodes is not None:
+        from .finetune import node_prune
+
+        result = node_prune(model, args.nodes, data, _settings(args, args.fine_tune),
+                            mask_epochs=args.mask_epochs, criterion=args.nodes_criterion)
+        rows = [[name, result.nodes_before[name], result.nodes_after[name]] for name in result.nodes_before]
+        print(format_table(["layer", "nodes before", "nodes after"], rows))
+        print(f"node pruning removed {result.removed_fraction * 100:.1f}% of the prunable nodes")
+        model = result.model
+
+    g = args.group_width or profile.simd_width
+    if args.max_accuracy_drop is not None:
+        from .finetune import search_max_rate
+
+        best, base, tried = search_max_rate(model, data, args.max_accuracy_drop, g,
+                                            _settings(args, args.fine_tune or 3), profile,
+                                            args.importance, last_layer_rate=args.last_layer_rate)
+        print(format_table(["rate", "accuracy before fine-tune", "accuracy"],
+                           [[f"{t.rate:.2f}", f"{t.accuracy_before_fine_tune * 100:.2f}%",
+                             f"{t.accuracy * 100:.2f}%"] for t in tried]))
+        if best is None:
+            raise ScalpelError(f"no pruning rate kept accuracy within {args.max_accuracy_drop} points "
+                               f"of {base * 100:.2f}%")
+        print(f"largest rate within {args.max_accuracy_drop} points: {best.rate}")
+        rate, model_to_prune = best.rate, best.model
+    else:
+        rate, model_to_prune = args.rate, model
+    last = None if args.last_layer_rate is None else min(rate, args.last_layer_rate)
+    outcome = prune_onnx(model_to_prune, rate, profile, args.group_width, args.importance, last)
+    final = outcome.model
+    if args.fine_tune and args.max_accuracy_drop is None and rate > 0:
+        from .finetune import train
+
+        final, _ = train(final, data, _settings(args, args.fine_tune), keep_zeros=True,
+                         desc="fine-tune")
     if not outcome.layers:
-        log.warning("no dense layer with a constant weight found: the model is written unchanged")
-    save_onnx(outcome.model, args.output)
+        log.warning("no dense layer with a constant weight found: weights left as they are")
+    save_onnx(final, args.output)
+    _print_layer_table(outcome)
+    if data is not None:
+        from .finetune import accuracy
+
+        _print_accuracy("before pruning", acc_in)
+        _print_accuracy("after pruning" + (" and fine-tuning" if args.fine_tune else ""),
+                        accuracy(final, data))
+    print(f"wrote {args.output} (target {profile.name}, importance {args.importance})")
+    return 0
+
+
+def _print_layer_table(outcome) -> None:
     rows = []
     for layer in outcome.layers:
         rows.append([
@@ -68,7 +154,24 @@ def cmd_prune(args: argparse.Namespace) -> int:
     total_sparse = sum(r.sparse_bytes for r in outcome.layers)
     rows.append(["total", "", "", "", total_dense, total_sparse])
     print(format_table(["layer", "shape (NxK)", "g", "rate", "dense bytes", "grouped-sparse bytes"], rows))
-    print(f"wrote {args.output} (target {profile.name}, importance {args.importance})")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .finetune import accuracy, fit_data, train
+    from .onnx_io import save_onnx
+
+    model = _load_model(args.model)
+    data = _load_data(args.data)
+    fit_data(model, data)
+    print(f"data: {data.name}, {len(data.x_train)} train / {len(data.x_test)} test samples")
+    _print_accuracy("before training", accuracy(model, data))
+    trained, history = train(model, data, _settings(args, args.epochs))
+    rows = [[h.epoch, f"{h.loss:.4f}", f"{h.train_accuracy * 100:.2f}%",
+             "-" if h.test_accuracy is None else f"{h.test_accuracy * 100:.2f}%"] for h in history]
+    print(format_table(["epoch", "loss", "train accuracy", "test accuracy"], rows))
+    save_onnx(trained, args.output)
+    _print_accuracy("after training", history[-1].test_accuracy)
+    print(f"wrote {args.output}")
     return 0
 
 
@@ -118,6 +221,36 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    value = _integer(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = _integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+def _add_training_args(p: argparse.ArgumentParser, data_help: str) -> None:
+    p.add_argument("--data", default=None, help=data_help)
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+    p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
+    p.add_argument("--batch-size", type=_positive, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (no usage dump) and exit status 2."""
 
@@ -131,15 +264,34 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     target_help = "'x86' (the host CPU, default) or a TVM JSON target string"
 
-    p = sub.add_parser("prune", help="SIMD-aware weight pruning; writes a standard ONNX model")
-    p.add_argument("model", help="input ONNX model")
+    p = sub.add_parser("prune", help="SIMD-aware weight pruning (and node pruning); writes ONNX")
+    p.add_argument("model", help="input ONNX model (or lenet-300-100 / lenet5, built in)")
     p.add_argument("-o", "--output", required=True, help="pruned ONNX model to write")
     p.add_argument("--target", default="x86", help=target_help)
     p.add_argument("--group-width", type=_group_width, default=None,
                    help="g, weights per group (default: the target's fp32 SIMD width; 1 = unstructured)")
     p.add_argument("--rate", type=_rate, default=0.9, help="fraction of each layer's weights to remove")
+    p.add_argument("--last-layer-rate", type=_rate, default=None,
+                   help="rate for the last dense layer (the class scores); default: --rate")
     p.add_argument("--importance", choices=["rms", "max", "mean"], default="rms")
+    p.add_argument("--nodes", type=_rate, default=None, metavar="RATE",
+                   help="first remove this fraction of the neurons / feature maps of each layer")
+    p.add_argument("--nodes-criterion", choices=["masks", "l1", "l2"], default="masks",
+                   help="masks: trained mask layers (needs data, default); l1/l2: weight norms")
+    p.add_argument("--mask-epochs", type=_positive, default=3, help="epochs of mask-layer training")
+    p.add_argument("--fine-tune", type=_non_negative, default=0, metavar="EPOCHS",
+                   help="fine-tune after pruning, pruned weights kept at zero (needs data)")
+    p.add_argument("--max-accuracy-drop", type=float, default=None, metavar="POINTS",
+                   help="search the largest rate whose fine-tuned accuracy is within POINTS of the input's")
+    _add_training_args(p, data_help="data for fine-tuning and accuracy (default: mnist-sample when needed)")
     p.set_defaults(func=cmd_prune)
+
+    t = sub.add_parser("train", help="train a classifier with TVM; writes the trained ONNX")
+    t.add_argument("model", help="ONNX model, or lenet-300-100 / lenet5 (built in)")
+    t.add_argument("-o", "--output", required=True, help="trained ONNX model to write")
+    t.add_argument("--epochs", type=_positive, default=10)
+    _add_training_args(t, data_help="mnist-sample (default), a .npz with x and y, or an MNIST IDX folder")
+    t.set_defaults(func=cmd_train)
 
     c = sub.add_parser("compile", help="compile to a shared library, sparse layers grouped-sparse")
     c.add_argument("model", help="input ONNX model (pruned or not)")

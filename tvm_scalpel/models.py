@@ -65,3 +65,45 @@ def mlp(
 def lenet_300_100(seed: int = 0, layout: str = "gemm") -> onnx.ModelProto:
     """LeNet-300-100 (784 -> 300 -> 100 -> 10), the paper's MNIST MLP."""
     return mlp([784, 300, 100, 10], seed=seed, name="lenet_300_100", layout=layout)
+
+
+def lenet5(seed: int = 0, batch: int | str = "N") -> onnx.ModelProto:
+    """LeNet-5 as in Caffe and the Scalpel paper: conv 20@5x5, max-pool 2, conv 50@5x5,
+    max-pool 2, fc 500, fc 10 (431k weights); input ``[N, 1, 28, 28]``."""
+    rng = np.random.default_rng(seed)
+
+    def conv_init(c_out: int, c_in: int, k: int) -> np.ndarray:
+        fan_in = c_in * k * k
+        return (rng.standard_normal((c_out, c_in, k, k)) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+
+    inits = [
+        numpy_helper.from_array(conv_init(20, 1, 5), "conv1.weight"),
+        numpy_helper.from_array(np.zeros(20, np.float32), "conv1.bias"),
+        numpy_helper.from_array(conv_init(50, 20, 5), "conv2.weight"),
+        numpy_helper.from_array(np.zeros(50, np.float32), "conv2.bias"),
+        numpy_helper.from_array(_he(rng, 500, 800), "fc1.weight"),
+        numpy_helper.from_array(np.zeros(500, np.float32), "fc1.bias"),
+        numpy_helper.from_array(_he(rng, 10, 500), "fc2.weight"),
+        numpy_helper.from_array(np.zeros(10, np.float32), "fc2.bias"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["input", "conv1.weight", "conv1.bias"], ["conv1"], kernel_shape=[5, 5]),
+        helper.make_node("MaxPool", ["conv1"], ["pool1"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["pool1", "conv2.weight", "conv2.bias"], ["conv2"], kernel_shape=[5, 5]),
+        helper.make_node("MaxPool", ["conv2"], ["pool2"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Flatten", ["pool2"], ["flat"], axis=1),
+        helper.make_node("Gemm", ["flat", "fc1.weight", "fc1.bias"], ["fc1"], transB=1),
+        helper.make_node("Relu", ["fc1"], ["fc1_relu"]),
+        helper.make_node("Gemm", ["fc1_relu", "fc2.weight", "fc2.bias"], ["fc2"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "lenet5",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 1, 28, 28])],
+        [helper.make_tensor_value_info("fc2", TensorProto.FLOAT, [batch, 10])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="tvm-scalpel")
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model)
+    return model

@@ -1,0 +1,492 @@
+"""Scalpel's node pruning on ONNX models: mask layers in, masked nodes out.
+
+Node pruning removes whole nodes: neurons of a dense layer (``Gemm``, ``MatMul`` + ``Add``) and
+filters of a convolution (``Conv``). Scalpel learns which ones by training a *mask layer* after
+each layer, an element-wise ``Mul`` by a 0/1 vector along the channel axis; the nodes whose mask
+is 0 are then taken out of the network. This module does the ONNX side of both halves:
+
+* ``prunable_layers``: the layers that can carry a mask, with their node counts;
+* ``insert_masks``: put ``Mul(h, mask)`` nodes after those layers (for training, or to apply
+  masks chosen some other way);
+* ``weight_importance`` + ``masks_for_rate``: masks from the weights alone (L1/L2 norm of each
+  neuron's weight row or each filter), for users without data to train masks on;
+* ``remove_masked_nodes``: import into Relax, run ``RemoveMaskedNodes`` and write a smaller
+  standard ONNX model back (sliced initializers, no mask nodes, fixed flatten shapes);
+* ``prune_nodes``: the three above in one call.
+
+Layers are named by their **weight initializer** (e.g. ``fc1.weight``): that name survives
+inserting masks (which renames the layer's output tensor) and is what ``onnx_io`` reports for
+weight pruning too.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .errors import ScalpelError
+from .onnx_io import MAX_IR_VERSION, to_relax
+
+log = logging.getLogger("tvm_scalpel")
+
+LAYER_OPS = ("Gemm", "MatMul", "Conv")
+POSITIONS = ("after_norm", "after_bias")
+CRITERIA = ("l1", "l2")
+
+
+@dataclass(frozen=True)
+class PrunableLayer:
+    """A layer whose nodes a mask can switch off."""
+
+    name: str  # its weight initializer: the key of masks and importances
+    op: str  # "Gemm", "MatMul" (with its bias "Add", if any) or "Conv"
+    channels: int  # nodes: output neurons or filters
+    output: str  # the tensor after its bias
+    norm_output: str | None = None  # the output of a BatchNormalization reading only it
+
+
+@dataclass
+class NodeRemoval:
+    """What ``remove_masked_nodes`` did to one layer."""
+
+    name: str  # the layer's weight initializer (as in ``prunable_layers``)
+    op: str
+    nodes_before: int
+    nodes_after: int
+    kept: np.ndarray  # indices of the nodes kept
+
+
+# --------------------------------------------------------------------------- graph helpers
+
+
+def _attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    out: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in dict.fromkeys(node.input):
+            if name:
+                out.setdefault(name, []).append(node)
+    return out
+
+
+def _layers(model: onnx.ModelProto) -> tuple[list[PrunableLayer], dict[str, onnx.NodeProto]]:
+    """Every layer with an initializer weight, and the node of each (by layer name)."""
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    consumers = _consumers(graph)
+    layers, nodes = [], {}
+    for node in graph.node:
+        if node.op_type not in LAYER_OPS or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        name = node.input[1]
+        dims = list(inits[name].dims)
+        if len(consumers.get(name, [])) != 1:
+            continue  # a weight shared by several nodes
+        out = node.output[0]
+        if node.op_type == "Gemm" and len(dims) == 2:
+            channels = dims[0] if _attr(node, "transB", 0) else dims[1]
+        elif node.op_type == "MatMul" and len(dims) == 2:
+            channels = dims[1]
+            readers = consumers.get(out, [])
+            if len(readers) == 1 and readers[0].op_type == "Add":
+                other = [i for i in readers[0].input if i != out]
+                if len(other) == 1 and other[0] in inits:
+                    out = readers[0].output[0]
+        elif node.op_type == "Conv" and len(dims) == 4 and _attr(node, "group", 1) == 1:
+            channels = dims[0]
+        else:
+            continue
+        readers = consumers.get(out, [])
+        norm = None
+        if len(readers) == 1 and readers[0].op_type == "BatchNormalization" and readers[0].input[0] == out:
+            norm = readers[0].output[0]
+        layers.append(PrunableLayer(name, node.op_type, int(channels), out, norm))
+        nodes[name] = node
+    return layers, nodes
+
+
+def _feeds_a_layer(graph: onnx.GraphProto, tensor: str, layer_nodes) -> bool:
+    """Whether another layer reads ``tensor``, directly or through other nodes."""
+    consumers = _consumers(graph)
+    ids = {id(n) for n in layer_nodes}
+    todo, seen = deque([tensor]), {tensor}
+    while todo:
+        for node in consumers.get(todo.popleft(), []):
+            if id(node) in ids:
+                return True
+            for out in node.output:
+                if out and out not in seen:
+                    seen.add(out)
+                    todo.append(out)
+    return False
+
+
+def prunable_layers(model: onnx.ModelProto) -> list[PrunableLayer]:
+    """The layers a mask can go after, in node order: ``Gemm`` and ``MatMul`` (+ ``Add``) with
+    an initializer weight of rank 2, ``Conv`` with an initializer weight and ``group=1``. A
+    layer no other layer reads from (the one whose outputs are the class scores) is left out:
+    its nodes are the model's outputs."""
+    layers, nodes = _layers(model)
+    all_nodes = list(nodes.values())
+    return [layer for layer in layers
+            if _feeds_a_layer(model.graph, layer.norm_output or layer.output, all_nodes)]
+
+
+def _unique(base: str, used: set[str]) -> str:
+    name, i = base, 1
+    while name in used:
+        name, i = f"{base}_{i}", i + 1
+    used.add(name)
+    return name
+
+
+def _names(graph: onnx.GraphProto) -> set[str]:
+    used = {i.name for i in graph.initializer} | {i.name for i in graph.input}
+    used |= {o.name for o in graph.output} | {n.name for n in graph.node if n.name}
+    for node in graph.node:
+        used |= set(node.input) | set(node.output)
+    return used
+
+
+def _finish(model: onnx.ModelProto) -> onnx.ModelProto:
+    if model.ir_version > MAX_IR_VERSION:
+        model.ir_version = MAX_IR_VERSION
+    onnx.checker.check_model(model)
+    return model
+
+
+# --------------------------------------------------------------------------- masks in
+
+
+def insert_masks(model: onnx.ModelProto, masks: Mapping[str, np.ndarray],
+                 position: str = "after_norm") -> onnx.ModelProto:
+    """A copy of ``model`` with a mask layer ``Mul(h, mask)`` after each layer ``masks`` names.
+
+    ``masks`` maps a layer's name (its weight initializer, see ``prunable_layers``) to a vector
+    of its ``channels`` values; it is stored as ``[N]`` for a dense layer and ``[C, 1, 1]`` for
+    a convolution. ``position="after_norm"`` puts the mask after the BatchNormalization that
+    directly follows the layer, if any; ``"after_bias"`` right after the layer (and its bias).
+    The mask multiplies the tensor every reader of the layer's output saw; the layer's output
+    tensor is renamed ``<name>.unmasked``, so the model keeps its inputs and outputs.
+    """
+    if position not in POSITIONS:
+        raise ScalpelError(f"unknown mask position {position!r}: use {' or '.join(POSITIONS)}")
+    layers = {layer.name: layer for layer in prunable_layers(model)}
+    unknown = sorted(set(masks) - set(layers))
+    if unknown:
+        raise ScalpelError(f"no prunable layer named {', '.join(unknown)} "
+                           f"(prunable: {', '.join(layers) or 'none'})")
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    used = _names(graph)
+    for name, mask in masks.items():
+        layer = layers[name]
+        arr = np.asarray(mask, dtype=np.float32).reshape(-1)
+        if arr.size != layer.channels:
+            raise ScalpelError(f"mask for {name}: {arr.size} values for {layer.channels} nodes")
+        if layer.op == "Conv":
+            arr = arr.reshape(layer.channels, 1, 1)
+        point = layer.norm_output if position == "after_norm" and layer.norm_output else layer.output
+        index, producer = next((i, n) for i, n in enumerate(graph.node) if point in n.output)
+        hidden = _unique(f"{point}.unmasked", used)
+        producer.output[list(producer.output).index(point)] = hidden
+        mask_name = _unique(f"{name}.mask", used)
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(arr), mask_name))
+        mul = helper.make_node("Mul", [hidden, mask_name], [point], name=_unique(f"{name}.mask_mul", used))
+        graph.node.insert(index + 1, mul)
+    return _finish(out)
+
+
+# --------------------------------------------------------------------------- masks from weights
+
+
+def _rows(model: onnx.ModelProto, layer: PrunableLayer, node: onnx.NodeProto) -> np.ndarray:
+    """One row per node: its incoming weights (a neuron's row, a filter flattened)."""
+    w = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == layer.name))
+    if layer.op == "Gemm" and _attr(node, "transB", 0):
+        return w.astype(np.float64)
+    if layer.op in ("Gemm", "MatMul"):
+        return w.T.astype(np.float64)
+    return w.reshape(w.shape[0], -1).astype(np.float64)
+
+
+def weight_importance(model: onnx.ModelProto, criterion: str = "l1") -> dict[str, np.ndarray]:
+    """Each prunable layer's node importance from its weights alone: the L1 (``"l1"``) or L2
+    (``"l2"``) norm of every neuron's weight row or every filter, as float64 ``[channels]``."""
+    if criterion not in CRITERIA:
+        raise ScalpelError(f"unknown criterion {criterion!r}: use {' or '.join(CRITERIA)}")
+    _, nodes = _layers(model)
+    out = {}
+    for layer in prunable_layers(model):
+        rows = _rows(model, layer, nodes[layer.name])
+        out[layer.name] = (np.abs(rows).sum(axis=1) if criterion == "l1"
+                           else np.sqrt((rows * rows).sum(axis=1)))
+    return out
+
+
+def masks_for_rate(importances: Mapping[str, np.ndarray],
+                   rate: float | Mapping[str, float]) -> dict[str, np.ndarray]:
+    """0/1 float32 masks that switch off ``round(rate * n)`` of each layer's n nodes, the least
+    important first (the earlier node on a tie), always keeping at least one node per layer.
+    A mapping of rates masks only the layers it names."""
+    masks = {}
+    for name, imp in importances.items():
+        r = rate.get(name) if isinstance(rate, Mapping) else rate
+        if r is None:
+            continue
+        if not 0.0 <= float(r) < 1.0:
+            raise ScalpelError(f"node pruning rate must be in [0, 1), got {r} for {name}")
+        imp = np.asarray(imp, dtype=np.float64).reshape(-1)
+        n = imp.size
+        k = min(int(round(float(r) * n)), n - 1)
+        mask = np.ones(n, dtype=np.float32)
+        mask[np.argsort(imp, kind="stable")[:k]] = 0.0
+        masks[name] = mask
+    return masks
+
+
+# --------------------------------------------------------------------------- masked nodes out
+
+
+def _const_tensors(graph: onnx.GraphProto):
+    """``(tensor name, array)`` of every initializer and ``Constant`` node output, in the order
+    the nodes first read them."""
+    inits = {i.name: i for i in graph.initializer}
+    constants = {n.output[0]: n for n in graph.node
+                 if n.op_type == "Constant" and _attr(n, "value") is not None}
+    seen: set[str] = set()
+    for node in graph.node:
+        for name in node.input:
+            if name in seen or not (name in inits or name in constants):
+                continue
+            seen.add(name)
+            tensor = inits[name] if name in inits else _attr(constants[name], "value")
+            yield name, numpy_helper.to_array(tensor)
+
+
+def _key(arr: np.ndarray):
+    return arr.dtype.str, arr.shape, np.ascontiguousarray(arr).tobytes()
+
+
+def _pair_constants(model: onnx.ModelProto, func) -> dict:
+    """Relax constant -> ``(tensor name, transposed)``. The importer keeps no names, so
+    constants are matched by content; equal contents pair in the order they are first read."""
+    from tvm import ir, relax
+
+    relax_consts: list = []
+    seen: set = set()
+
+    def visit(expr):
+        if isinstance(expr, ir.expr.GenericConst) and expr not in seen:
+            seen.add(expr)
+            relax_consts.append(expr)
+
+    relax.analysis.post_order_visit(func, visit)
+    slots: dict = {}
+    for name, arr in _const_tensors(model.graph):
+        slots.setdefault(_key(arr), deque()).append(name)
+    pairing: dict = {}
+    later = []
+    for const in relax_consts:
+        arr = const.value.numpy()
+        names = slots.get(_key(arr))
+        if names:
+            pairing[const] = (names.popleft(), False)
+        elif arr.ndim == 2:
+            later.append((const, arr))
+    for const, arr in later:
+        names = slots.get(_key(arr.T))
+        if names:
+            pairing[const] = (names.popleft(), True)
+    return pairing
+
+
+class _Writer:
+    """Edits of one ONNX graph, by tensor name."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self.graph = model.graph
+
+    def node_reading(self, tensor: str, op_type: str | None = None) -> onnx.NodeProto | None:
+        for node in self.graph.node:
+            if tensor in node.input and (op_type is None or node.op_type == op_type):
+                return node
+        return None
+
+    def read(self, name: str) -> np.ndarray | None:
+        for init in self.graph.initializer:
+            if init.name == name:
+                return numpy_helper.to_array(init)
+        for node in self.graph.node:
+            if node.op_type == "Constant" and node.output[0] == name:
+                return numpy_helper.to_array(_attr(node, "value"))
+        return None
+
+    def write(self, name: str, arr: np.ndarray) -> None:
+        for init in self.graph.initializer:
+            if init.name == name:
+                new = numpy_helper.from_array(np.ascontiguousarray(arr.astype(
+                    onnx.helper.tensor_dtype_to_np_dtype(init.data_type))), name)
+                init.CopyFrom(new)
+                for i, inp in enumerate(self.graph.input):  # IR < 4 lists initializers as inputs
+                    if inp.name == name:
+                        self.graph.input[i].CopyFrom(helper.make_tensor_value_info(
+                            name, init.data_type, list(arr.shape)))
+                return
+        for node in self.graph.node:
+            if node.op_type == "Constant" and node.output[0] == name:
+                for a in node.attribute:
+                    if a.name == "value":
+                        a.t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(
+                            arr.astype(onnx.helper.tensor_dtype_to_np_dtype(a.t.data_type)))))
+                return
+        raise KeyError(name)
+
+    def fix_flatten(self, start: str, edits: list[tuple[int, int, int]]) -> None:
+        """Shrink the target shapes of the Reshape nodes between ``start`` and the next layer."""
+        tensor = start
+        for _ in range(len(self.graph.node)):
+            readers = [n for n in self.graph.node if tensor in n.input]
+            if len(readers) != 1 or readers[0].op_type in LAYER_OPS:
+                return
+            node = readers[0]
+            if node.op_type == "Reshape":
+                self._fix_reshape(node, edits)
+            tensor = node.output[0]
+
+    def _fix_reshape(self, node: onnx.NodeProto, edits) -> None:
+        shape = self.read(node.input[1])
+        if shape is None:
+            log.warning("Reshape %s: its target shape is computed at run time; not checked",
+                        node.name or node.output[0])
+            return
+        new = np.array(shape, copy=True)
+        for axis, old, size in edits:
+            if axis < new.size and new[axis] == old:
+                new[axis] = size
+            elif axis < new.size and new[axis] not in (-1, 0):
+                raise ScalpelError(f"Reshape {node.name or node.output[0]}: cannot shrink target "
+                                   f"shape {shape.tolist()} to follow the removed nodes")
+        if np.array_equal(new, shape):
+            return
+        if sum(node.input[1] in n.input for n in self.graph.node) > 1:  # shared: give it its own
+            name = _unique(f"{node.input[1]}.pruned", _names(self.graph))
+            self.graph.initializer.append(numpy_helper.from_array(new, name))
+            node.input[1] = name
+        else:
+            self.write(node.input[1], new)
+
+    def bypass(self, node: onnx.NodeProto, keep: str) -> None:
+        """Remove ``node``, whose output equals its input ``keep``."""
+        out = node.output[0]
+        self.graph.node.remove(node)
+        if out in {o.name for o in self.graph.output}:  # keep the model's output names
+            for n in self.graph.node:
+                for seq in (n.input, n.output):
+                    for i, name in enumerate(seq):
+                        if name == keep:
+                            seq[i] = out
+        else:
+            for n in self.graph.node:
+                for i, name in enumerate(n.input):
+                    if name == out:
+                        n.input[i] = keep
+
+    def drop_unused(self, names: set[str]) -> None:
+        read = {name for n in self.graph.node for name in n.input}
+        for init in [i for i in self.graph.initializer if i.name in names and i.name not in read]:
+            self.graph.initializer.remove(init)
+        for inp in [i for i in self.graph.input if i.name in names and i.name not in read]:
+            self.graph.input.remove(inp)
+
+
+def remove_masked_nodes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[NodeRemoval]]:
+    """Remove the nodes the model's mask layers switch off; return a smaller standard ONNX
+    model, with the same inputs and outputs, and one ``NodeRemoval`` per mask removed.
+
+    The model is imported into Relax and ``RemoveMaskedNodes`` decides what goes (see its
+    docstring for what it supports); the initializers are then sliced as it sliced the Relax
+    constants (matched by content), the mask ``Mul`` nodes removed and the target shapes of
+    flattening ``Reshape`` nodes shrunk. Masks the pass leaves alone (with a warning) stay in
+    the model. The result passes ``onnx.checker`` and strict shape inference.
+    """
+    from tvm import relax
+
+    from .passes import MaskedLayer, RemoveMaskedNodes
+
+    mod = to_relax(model, "masked model")
+    pairings = {}
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            pairings.update(_pair_constants(model, func))
+    report: list[MaskedLayer] = []
+    RemoveMaskedNodes(report=report)(mod)
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    writer = _Writer(out)
+    removals: list[NodeRemoval] = []
+    written: dict[str, np.ndarray] = {}
+    masks_gone: set[str] = set()
+
+    def slot(const, what: str) -> tuple[str, bool]:
+        if const not in pairings:
+            raise ScalpelError(f"{what} ({'x'.join(map(str, const.value.numpy().shape))}) is not "
+                               "among the model's initializers: cannot write the pruned model")
+        return pairings[const]
+
+    for entry in report:
+        mask_name, _ = slot(entry.mask, f"the mask of {entry.name}")
+        mul = writer.node_reading(mask_name, "Mul")
+        if mul is None:
+            raise ScalpelError(f"no Mul node reads mask {mask_name}")
+        if entry.weight is not None:
+            layer_name, _ = slot(entry.weight, f"the weight of {entry.name}")
+            layer_node = writer.node_reading(layer_name)
+            op = layer_node.op_type if layer_node is not None else "?"
+        else:
+            layer_name, op = next(i for i in mul.input if i != mask_name), "?"
+        for const, arr in entry.constants:
+            name, transposed = slot(const, f"a constant of {layer_name}")
+            written[name] = arr.T if transposed else arr
+        if entry.flatten:
+            writer.fix_flatten(mul.output[0], entry.flatten)
+        if not entry.mask_kept:
+            writer.bypass(mul, next(i for i in mul.input if i != mask_name))
+            masks_gone.add(mask_name)
+        removals.append(NodeRemoval(layer_name, op, entry.nodes_before, entry.nodes_after,
+                                    np.asarray(entry.kept)))
+        log.info("%s (%s): %d -> %d nodes", layer_name, op, entry.nodes_before, entry.nodes_after)
+    for name, arr in written.items():
+        writer.write(name, arr)
+    writer.drop_unused(masks_gone)
+    del out.graph.value_info[:]  # stale channel counts; shape inference writes them anew
+    try:
+        _finish(out)
+        out = onnx.shape_inference.infer_shapes(out, check_type=True, strict_mode=True)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ScalpelError(f"the node-pruned model is not valid ONNX: {first}") from None
+    return out, removals
+
+
+def prune_nodes(model: onnx.ModelProto, rate: float | Mapping[str, float], criterion: str = "l1",
+                ) -> tuple[onnx.ModelProto, list[NodeRemoval]]:
+    """Node pruning without data: mask the ``rate`` least important nodes of every prunable
+    layer by weight norm (``weight_importance``) and remove them."""
+    masks = masks_for_rate(weight_importance(model, criterion), rate)
+    return remove_masked_nodes(insert_masks(model, masks))
