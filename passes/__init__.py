@@ -3,7 +3,10 @@
 * ``PruneWeightGroups``: SIMD-aware weight pruning of dense layers' constant weights.
 * ``RewriteDenseLayers``: dense layers -> grouped-sparse or dense scheduled kernels.
 * ``FuseDenseChains``: back-to-back kernel calls -> one chained kernel call.
-* ``scalpel_pipeline``: both, followed by TVM's default pipeline, for ``tvm.compile``.
+* ``RemoveMaskedNodes``: node pruning: neurons / feature maps closed by a 0/1 mask layer are
+  removed from producer and consumer weights; the model stays dense, just smaller.
+* ``scalpel_pipeline``: pruning + rewrite + fusion, then TVM's default pipeline, for
+  ``tvm.compile``.
 """
 
 from .dense_layers import DenseLayer, find_dense_layers
@@ -20,6 +23,8 @@ __all__ = [
     "PrunedLayer",
     "PruneWeightGroups",
     "LayerDecision",
+    "MaskedLayer",
+    "RemoveMaskedNodes",
     "RewriteDenseLayers",
     "scalpel_pipeline",
 ]

@@ -57,7 +57,7 @@ def tensor_type(expr: relax.Expr):
 
 
 @visitor
-class _UseCounter(PyExprVisitor):
+class UseCounter(PyExprVisitor):
     """How many times each var is read."""
 
     def __init__(self) -> None:
@@ -70,7 +70,7 @@ class _UseCounter(PyExprVisitor):
         self.uses[var] = self.uses.get(var, 0) + 1
 
 
-def _bindings(func: relax.Function):
+def var_bindings(func: relax.Function):
     body = func.body
     if not isinstance(body, relax.SeqExpr):
         return []
@@ -98,10 +98,10 @@ def find_dense_layers(func: relax.Function, warn: bool = True) -> list[DenseLaye
     A matmul on a constant weight that the kernels cannot take (inputs of rank other than 2, or
     not float32) is left as it is, with a warning.
     """
-    counter = _UseCounter()
+    counter = UseCounter()
     counter.visit_expr(func)
     uses = counter.uses
-    bindings = _bindings(func)
+    bindings = var_bindings(func)
     values = {b.var: b.value for b in bindings}
     readers: dict[relax.Var, relax.Var] = {}  # var -> the (last seen) binding that reads it
     for b in bindings:

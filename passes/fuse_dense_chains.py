@@ -11,7 +11,7 @@ from tvm_scalpel import schedules
 from tvm_scalpel.schedules import LayerSpec
 from tvm_scalpel.targets import resolve_target
 
-from .dense_layers import _UseCounter, op_name
+from .dense_layers import UseCounter, op_name
 
 log = logging.getLogger("tvm_scalpel.passes")
 
@@ -69,7 +69,7 @@ class FuseDenseChains:
         for gv, func in mod.functions_items():
             if not isinstance(func, relax.Function) or not isinstance(func.body, relax.SeqExpr):
                 continue
-            counter = _UseCounter()
+            counter = UseCounter()
             counter.visit_expr(func)
             rewriter.plan = {}
             for block in func.body.blocks:

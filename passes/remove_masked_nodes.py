@@ -26,7 +26,7 @@ from tvm import ir, relax
 from tvm.ir.prim.expr import IntImm
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from .dense_layers import _bindings, _UseCounter, const_array, op_name, tensor_type
+from .dense_layers import UseCounter, const_array, op_name, tensor_type, var_bindings
 
 log = logging.getLogger("tvm_scalpel.passes")
 
@@ -95,10 +95,10 @@ class _Graph:
     """Bindings of one function, who reads what, and how often each constant occurs."""
 
     def __init__(self, func: relax.Function) -> None:
-        counter = _UseCounter()
+        counter = UseCounter()
         counter.visit_expr(func)
         self.uses = counter.uses
-        self.bindings = _bindings(func)
+        self.bindings = var_bindings(func)
         self.values = {b.var: b.value for b in self.bindings}
         self.readers: dict[relax.Var, list[relax.Var]] = {}
         for b in self.bindings:

@@ -233,3 +233,74 @@ def run_cli(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
         [sys.executable, "-m", "tvm_scalpel.cli", *map(str, args)],
         cwd=cwd, capture_output=True, text=True, timeout=timeout,
     )
+
+
+# --------------------------------------------------------------------------- training references
+
+
+def softmax_xent_ref(logits: np.ndarray, labels: np.ndarray) -> float:
+    """float64 mean softmax cross-entropy, ``mean(logsumexp(z) - z[label])``."""
+    z = np.asarray(logits, np.float64)
+    zmax = z.max(axis=1, keepdims=True)
+    lse = np.log(np.exp(z - zmax).sum(axis=1)) + zmax[:, 0]
+    return float(np.mean(lse - z[np.arange(len(z)), labels]))
+
+
+def xent_grad_ref(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """float64 d(mean cross-entropy)/d(logits): ``(softmax(z) - onehot) / batch``."""
+    z = np.asarray(logits, np.float64)
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    p[np.arange(len(z)), labels] -= 1.0
+    return p / len(z)
+
+
+def mlp_loss_grads_ref(layers: list[dict], x: np.ndarray, labels: np.ndarray, alphas=None):
+    """Hand-written float64 forward/backward of an MLP with softmax cross-entropy.
+
+    Hidden layer i computes ``relu((a @ W.T + b) * alpha_i)`` (alpha: a 0/1 node mask, all ones
+    when ``alphas`` is None). ReLU's derivative at 0 is taken as 1 (TVM's convention, which only
+    matters for closed masks, where it lets dL/dalpha see the unmasked signal).
+    Returns ``(loss, [(dW[N, K], db)], [dL/dalpha_i])``.
+    """
+    n_hidden = len(layers) - 1
+    if alphas is None:
+        alphas = [np.ones(len(layer["bias"])) for layer in layers[:-1]]
+    acts = [np.asarray(x, np.float64)]
+    pre, masked = [], []
+    for i, layer in enumerate(layers):
+        z = acts[-1] @ np.asarray(layer["w"], np.float64).T + np.asarray(layer["bias"], np.float64)
+        if i < n_hidden:
+            m = z * np.asarray(alphas[i], np.float64)
+            pre.append(z)
+            masked.append(m)
+            acts.append(np.maximum(m, 0.0))
+        else:
+            logits = z
+    loss = softmax_xent_ref(logits, labels)
+    d = xent_grad_ref(logits, labels)
+    grads, dalphas = [None] * len(layers), [None] * n_hidden
+    for i in range(len(layers) - 1, -1, -1):
+        w = np.asarray(layers[i]["w"], np.float64)
+        if i < n_hidden:
+            dm = d * (masked[i] >= 0)
+            dalphas[i] = (dm * pre[i]).sum(axis=0)
+            d = dm * np.asarray(alphas[i], np.float64)
+        grads[i] = (d.T @ acts[i], d.sum(axis=0))
+        d = d @ w
+    return loss, grads, dalphas
+
+
+def separable_data(rng: np.random.Generator, n: int, dim: int, classes: int,
+                   spread: float = 0.6) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian clusters around random class centres: float32 x[n, dim], int64 y[n] (every
+    class present), learnable by a small MLP."""
+    centres = rng.standard_normal((classes, dim)) * 1.5
+    y = np.concatenate([np.arange(classes), rng.integers(0, classes, n - classes)])
+    rng.shuffle(y)
+    x = centres[y] + spread * rng.standard_normal((n, dim))
+    return x.astype(np.float32), y.astype(np.int64)
+
+
+def ort_accuracy(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray) -> float:
+    return float((ort_run(model, np.ascontiguousarray(x, np.float32)).argmax(axis=1) == y).mean())

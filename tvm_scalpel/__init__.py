@@ -5,8 +5,12 @@ Public API:
 * ``prune_onnx`` / ``compile_onnx`` / ``export_library`` / ``load_library``: the flows;
 * ``GroupedSparseMatrix``: the grouped-sparse weight format;
 * ``prune_groups``: SIMD-aware weight pruning of one matrix;
+* ``Trainer`` (``tvm_scalpel.training``): training inside TVM; ``tvm_scalpel.finetune``: train,
+  prune-and-fine-tune, accuracy search, node pruning; ``tvm_scalpel.node_pruning``: mask layers
+  and node removal on ONNX models; ``tvm_scalpel.data``: MNIST sample, IDX and .npz data;
 * ``tvm_scalpel.passes``: the Relax passes (``PruneWeightGroups``, ``RewriteDenseLayers``,
-  ``scalpel_pipeline``); ``tvm_scalpel.schedules``: the kernels.
+  ``FuseDenseChains``, ``RemoveMaskedNodes``, ``scalpel_pipeline``);
+  ``tvm_scalpel.schedules``: the kernels.
 """
 
 from .threads import configure_threads

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import zlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -53,14 +54,24 @@ def split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int, name: s
     return Dataset(x[train], y[train], x[test], y[test], name)
 
 
+def _real(a: np.ndarray) -> bool:
+    return np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)
+
+
 def _checked(x: np.ndarray, y: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
     if x.ndim < 2 or len(x) == 0:
         raise ScalpelError(f"{name}: no samples")
+    if not _real(x):
+        raise ScalpelError(f"{name}: images must be real numbers, got {x.dtype}")
+    if not _real(y):
+        raise ScalpelError(f"{name}: labels must be integers, got {y.dtype}")
     if y.ndim != 1 or len(y) != len(x):
         raise ScalpelError(f"{name}: {len(x)} samples but labels of shape {y.shape}")
     if not np.issubdtype(y.dtype, np.integer):
-        if not np.all(np.equal(np.mod(y, 1), 0)):
+        if not np.all(np.isfinite(y)) or not np.all(np.equal(np.mod(y, 1), 0)):
             raise ScalpelError(f"{name}: labels must be integers")
+        if np.abs(y).max(initial=0) > 2**31:
+            raise ScalpelError(f"{name}: label {y[np.argmax(np.abs(y))]:g} is out of range")
     y = y.astype(np.int64)
     if y.min() < 0:
         raise ScalpelError(f"{name}: negative label {int(y.min())}")
@@ -89,8 +100,9 @@ def _read_idx(path: Path) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             raw = f.read()
-    except OSError as err:
-        raise ScalpelError(f"{path}: cannot read ({err.strerror or type(err).__name__})") from None
+    except (OSError, EOFError, zlib.error) as err:  # missing, unreadable, truncated or bad gzip
+        reason = getattr(err, "strerror", None) or type(err).__name__
+        raise ScalpelError(f"{path}: cannot read ({reason})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise ScalpelError(f"{path}: not an IDX file of unsigned bytes")
     ndim = raw[3]

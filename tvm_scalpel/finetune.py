@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Mapping
 
 import onnx
 
@@ -135,7 +136,8 @@ class NodePruneResult:
         return 1.0 - sum(self.nodes_after.values()) / before if before else 0.0
 
 
-def node_prune(model: onnx.ModelProto, rate: float | None = None, data: Dataset | None = None,
+def node_prune(model: onnx.ModelProto, rate: float | Mapping[str, float] | None = None,
+               data: Dataset | None = None,
                settings: TrainSettings | None = None, mask_epochs: int = 3,
                mask_penalty: float = 0.05, criterion: str = "masks") -> NodePruneResult:
     """Scalpel's node pruning: remove neurons / feature maps, then fine-tune.
@@ -146,10 +148,11 @@ def node_prune(model: onnx.ModelProto, rate: float | None = None, data: Dataset 
     (beta < T). Without data (``criterion="l1"`` or ``"l2"``): the ``rate`` fraction of nodes
     with the smallest weight norm is removed. Then the nodes are removed for good
     (``remove_masked_nodes``) and, with data and ``settings.epochs``, the model is fine-tuned.
+    A mapping of rates (by layer weight name) prunes only the layers it names.
     """
     from .node_pruning import insert_masks, masks_for_rate, remove_masked_nodes, weight_importance
 
-    if rate is not None and not 0.0 <= rate < 1.0:
+    if isinstance(rate, (int, float)) and not 0.0 <= rate < 1.0:
         raise ScalpelError(f"node pruning rate must be in [0, 1), got {rate}")
     if criterion == "masks":
         if data is None:

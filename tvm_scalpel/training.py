@@ -30,7 +30,7 @@ from tvm import relax
 
 from .data import Dataset
 from .errors import ScalpelError
-from .passes.dense_layers import op_name
+from .passes.dense_layers import op_name, var_bindings
 from .targets import resolve_target
 
 log = logging.getLogger("tvm_scalpel.training")
@@ -141,7 +141,7 @@ class Trainer:
 
     def _build(self, mod: tvm.IRModule, main: relax.Function, n_in: int, node_masks: bool,
                trainable: bool) -> None:
-        bindings = [b for blk in main.body.blocks for b in blk.bindings]
+        bindings = var_bindings(main)
         values = {b.var: b.value for b in bindings}
         params = set(main.params[n_in:])
         readers = {}
@@ -205,7 +205,7 @@ class Trainer:
 
     def _tensors(self, x: np.ndarray) -> list:
         dev = tvm.cpu()
-        args = [tvm.runtime.tensor(np.ascontiguousarray(x), dev)]
+        args = [tvm.runtime.tensor(np.ascontiguousarray(x, dtype=np.float32), dev)]
         args += [tvm.runtime.tensor(self.params[n], dev) for n in self.param_names]
         args += [tvm.runtime.tensor(m.alpha(self.threshold).reshape(-1, *([1, 1] if m.conv else [])), dev)
                  for m in self.masks]
@@ -214,6 +214,11 @@ class Trainer:
     def check_data(self, data: Dataset) -> Dataset:
         shape = tuple(d for d in self.input_shape[1:])
         data = data.reshaped(shape)
+        for y in (data.y_train, data.y_test):
+            if y.ndim != 1:
+                raise ScalpelError(f"{data.name}: labels must be a vector, got shape {y.shape}")
+            if y.size and y.min() < 0:
+                raise ScalpelError(f"{data.name}: negative label {int(y.min())}")
         if data.num_classes > self.num_classes:
             raise ScalpelError(f"{data.name}: label {data.num_classes - 1} is out of range for a "
                                f"model with {self.num_classes} class scores")
@@ -222,6 +227,9 @@ class Trainer:
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Class scores, run in batches of ``batch_size`` (the last one zero-padded)."""
         b = self.batch_size
+        if len(x) == 0:
+            return np.zeros((0, self.num_classes), np.float32)
+        x = np.asarray(x, dtype=np.float32)
         out = []
         for i in range(0, len(x), b):
             chunk = x[i:i + b]
