@@ -70,6 +70,13 @@ class UseCounter(PyExprVisitor):
         self.uses[var] = self.uses.get(var, 0) + 1
 
 
+def emit_in_place_of(builder: relax.BlockBuilder, var: relax.Var, value: relax.Expr) -> relax.Var:
+    """Emit ``value`` as a binding like ``var``'s: a dataflow var, or an output of the block."""
+    if isinstance(var, relax.DataflowVar):
+        return builder.emit(value, name_hint=var.name)
+    return builder.emit_output(value, name_hint=var.name)
+
+
 def var_bindings(func: relax.Function):
     body = func.body
     if not isinstance(body, relax.SeqExpr):

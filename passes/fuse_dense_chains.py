@@ -11,7 +11,7 @@ from tvm_scalpel import schedules
 from tvm_scalpel.schedules import LayerSpec
 from tvm_scalpel.targets import resolve_target
 
-from .dense_layers import UseCounter, op_name
+from .dense_layers import UseCounter, emit_in_place_of, op_name
 
 log = logging.getLogger("tvm_scalpel.passes")
 
@@ -41,11 +41,7 @@ class _ChainRewriter(relax.expr_functor.PyExprMutator):
         if make is None:
             return super().visit_var_binding_(binding)
         call = make(self.builder_, self.visit_expr)
-        if isinstance(binding.var, relax.DataflowVar):
-            new_var = self.builder_.emit(call, name_hint=binding.var.name)
-        else:
-            new_var = self.builder_.emit_output(call, name_hint=binding.var.name)
-        self.set_var_remap(binding.var, new_var)
+        self.set_var_remap(binding.var, emit_in_place_of(self.builder_, binding.var, call))
 
 
 @tvm.transform.module_pass(opt_level=0, name="FuseDenseChains")

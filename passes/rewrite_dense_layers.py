@@ -21,7 +21,7 @@ from tvm_scalpel.format import GroupedSparseMatrix
 from tvm_scalpel.pruning import recover_group_width
 from tvm_scalpel.targets import TargetProfile, resolve_target
 
-from .dense_layers import DenseLayer, find_dense_layers
+from .dense_layers import DenseLayer, emit_in_place_of, find_dense_layers
 
 log = logging.getLogger("tvm_scalpel.passes")
 
@@ -126,11 +126,7 @@ class _LayerRewriter(relax.expr_functor.PyExprMutator):
             return super().visit_var_binding_(binding)
         layer, sparse = planned
         call = self.lowering.call(self.builder_, layer, self.visit_expr(layer.data), sparse)
-        if isinstance(binding.var, relax.DataflowVar):
-            new_var = self.builder_.emit(call, name_hint=binding.var.name)
-        else:
-            new_var = self.builder_.emit_output(call, name_hint=binding.var.name)
-        self.set_var_remap(binding.var, new_var)
+        self.set_var_remap(binding.var, emit_in_place_of(self.builder_, binding.var, call))
 
 
 @tvm.transform.module_pass(opt_level=0, name="RewriteDenseLayers")

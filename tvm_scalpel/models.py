@@ -14,6 +14,22 @@ def _he(rng: np.random.Generator, n_out: int, n_in: int) -> np.ndarray:
     return (rng.standard_normal((n_out, n_in)) * np.sqrt(2.0 / n_in)).astype(np.float32)
 
 
+def _model(nodes: list, name: str, input_shape: list, output: str, output_shape: list,
+           inits: list) -> onnx.ModelProto:
+    """A checked model with one float input called ``input`` and one float output."""
+    graph = helper.make_graph(
+        nodes, name,
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, input_shape)],
+        [helper.make_tensor_value_info(output, TensorProto.FLOAT, output_shape)],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="tvm-scalpel")
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model)
+    return model
+
+
 def mlp(
     sizes: list[int],
     seed: int = 0,
@@ -49,17 +65,7 @@ def mlp(
         if i < len(sizes) - 2:
             nodes.append(helper.make_node("Relu", [out], [out + "_relu"]))
             prev = out + "_relu"
-    graph = helper.make_graph(
-        nodes, name,
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, sizes[0]])],
-        [helper.make_tensor_value_info(prev, TensorProto.FLOAT, [batch, sizes[-1]])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="tvm-scalpel")
-    model.ir_version = IR_VERSION
-    onnx.checker.check_model(model)
-    return model
+    return _model(nodes, name, [batch, sizes[0]], prev, [batch, sizes[-1]], inits)
 
 
 def lenet_300_100(seed: int = 0, layout: str = "gemm") -> onnx.ModelProto:
@@ -96,14 +102,4 @@ def lenet5(seed: int = 0, batch: int | str = "N") -> onnx.ModelProto:
         helper.make_node("Relu", ["fc1"], ["fc1_relu"]),
         helper.make_node("Gemm", ["fc1_relu", "fc2.weight", "fc2.bias"], ["fc2"], transB=1),
     ]
-    graph = helper.make_graph(
-        nodes, "lenet5",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 1, 28, 28])],
-        [helper.make_tensor_value_info("fc2", TensorProto.FLOAT, [batch, 10])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="tvm-scalpel")
-    model.ir_version = IR_VERSION
-    onnx.checker.check_model(model)
-    return model
+    return _model(nodes, "lenet5", [batch, 1, 28, 28], "fc2", [batch, 10], inits)
