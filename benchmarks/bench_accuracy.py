@@ -77,9 +77,13 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="few epochs: checks the script, not the claims")
     parser.add_argument("--only", choices=["lenet300", "lenet5"], default=None)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--replot", action="store_true", help="only redraw the plot from accuracy.md")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
     setup_logging(args.verbose)
+    if args.replot:
+        replot(args.out / "accuracy.md", args.out / "accuracy.png")
+        return 0
     data = mnist_sample()
     epochs = dict(train300=2, train5=1, tune=1, masks=1) if args.quick else dict(train300=12, train5=8, tune=4, masks=3)
     rows: list[Row] = []
@@ -173,24 +177,45 @@ def lenet5(data, epochs) -> list[Row]:
     return rows
 
 
+def short_label(method: str) -> str:
+    for key, label in (("dense", "dense"), ("CPU policy", "CPU policy: nodes CONV + g=16 FC"), ("g=16", "Scalpel g=16"), ("g=8", "Scalpel g=8"),
+                       ("g=1", "traditional g=1"), ("trained masks", "nodes (masks)"),
+                       ("L1", "nodes (L1)")):
+        if key in method:
+            return label
+    return method.split(",")[0]
+
+
+def replot(md: Path, path: Path) -> None:
+    """Redraw the plot from the table of an earlier run's accuracy.md."""
+    rows = []
+    for line in md.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 9 and cells[2].endswith("%") and cells[0] != "network":
+            rows.append(Row(cells[0], cells[1], float(cells[2][:-1]) / 100, float(cells[3][:-1]) / 100,
+                            float(cells[5][:-1]) / 100, float(cells[6][:-1]) / 100, cells[7], float(cells[8])))
+    plot(rows, path)
+
+
 def plot(rows: list[Row], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.2))
+    fig, ax = plt.subplots(figsize=(8, 4.6))
     colors = {"LeNet-300-100": "#4c72b0", "LeNet-5": "#dd8452"}
     for r in rows:
         marker = "o" if "dense" in r.method else ("s" if "node" in r.method else "^")
         ax.scatter(r.weights_removed * 100, r.accuracy * 100, color=colors.get(r.network, "k"),
                    marker=marker, s=50)
-        ax.annotate(r.method.split(",")[0].replace("Scalpel ", ""), (r.weights_removed * 100, r.accuracy * 100),
-                    textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.annotate(short_label(r.method), (r.weights_removed * 100, r.accuracy * 100),
+                    textcoords="offset points", xytext=(-4, 5), fontsize=7, ha="right")
     for net, color in colors.items():
         base = next((r.base for r in rows if r.network == net), None)
         if base is not None:
             ax.axhline(base * 100 - 1.0, color=color, ls=":", lw=1, label=f"{net}: dense - 1 point")
+    ax.set_xlim(-8, 100)
     ax.set_xlabel("weights removed (% of the dense model)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Accuracy after pruning and fine-tuning (MNIST sample)")
