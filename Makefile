@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench bench-accuracy clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,10 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_kernels.py
 	$(PY) benchmarks/bench_models.py
+
+# about 20 minutes: trains, prunes and fine-tunes LeNet-300-100 and LeNet-5 in TVM
+bench-accuracy: $(STAMP)
+	$(PY) benchmarks/bench_accuracy.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo_out
