@@ -596,3 +596,52 @@ def test_bad_labels_in_a_dataset_raise(task, bad):
         y = y[:, None]
     with pytest.raises(ScalpelError, match="label"):
         trainer.fit(Dataset(data.x_train, y, data.x_test, data.y_test), epochs=1, progress=False)
+
+
+def bn_softmax_net(seed: int) -> onnx.ModelProto:
+    """Conv -> BatchNormalization -> Relu -> AveragePool -> Flatten -> Gemm -> Softmax."""
+    rng = np.random.default_rng(seed)
+    c = 4
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((c, 1, 3, 3)) * 0.3).astype(np.float32), "c.w"),
+        numpy_helper.from_array(rng.standard_normal(c).astype(np.float32) * 0.1, "c.b"),
+        numpy_helper.from_array(rng.uniform(0.5, 1.5, c).astype(np.float32), "bn.scale"),
+        numpy_helper.from_array(rng.standard_normal(c).astype(np.float32) * 0.1, "bn.bias"),
+        numpy_helper.from_array(rng.standard_normal(c).astype(np.float32) * 0.1, "bn.mean"),
+        numpy_helper.from_array(rng.uniform(0.5, 1.5, c).astype(np.float32), "bn.var"),
+        numpy_helper.from_array((rng.standard_normal((3, c * 4 * 4)) * 0.1).astype(np.float32), "fc.w"),
+        numpy_helper.from_array(np.zeros(3, np.float32), "fc.b"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["input", "c.w", "c.b"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "bn.scale", "bn.bias", "bn.mean", "bn.var"], ["bn"]),
+        helper.make_node("Relu", ["bn"], ["r"]),
+        helper.make_node("AveragePool", ["r"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc.w", "fc.b"], ["logits"], transB=1),
+        helper.make_node("Softmax", ["logits"], ["prob"], axis=1),
+    ]
+    return make_model(nodes, inits, [("input", ["N", 1, 8, 8])], [("prob", ["N", 3])])
+
+
+def test_batch_norm_avg_pool_and_softmax_train(rng):
+    """batch_norm (no gradient rule in TVM) trains in its inference form with its statistics
+    frozen; a final Softmax is trained through its logits (the loss equals cross-entropy of the
+    probabilities onnxruntime computes)."""
+    model = bn_softmax_net(int(rng.integers(1 << 30)))
+    x = rng.random((192, 1, 8, 8)).astype(np.float32)
+    y = (x[:, 0, :4].mean(axis=(1, 2)) * 3).astype(np.int64).clip(0, 2)
+    trainer = Trainer(model, batch_size=32)
+    loss, _ = adjoint(trainer, x[:32], y[:32])
+    probs = ort_run(model, x[:32]).astype(np.float64)
+    ref = -np.mean(np.log(probs[np.arange(32), y[:32]]))
+    assert abs(loss - ref) / ref < 1e-4
+    history = trainer.fit(Dataset(x[:160], y[:160], x[160:], y[160:], "bn"), 4, lr=1e-2, progress=False)
+    assert history[-1].loss < 0.5 * history[0].loss
+    trained = trainer.export()
+    before = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    after = {i.name: numpy_helper.to_array(i) for i in trained.graph.initializer}
+    for frozen in ("bn.mean", "bn.var"):
+        np.testing.assert_array_equal(after[frozen], before[frozen])
+    assert not np.array_equal(after["bn.scale"], before["bn.scale"])
+    assert rel_err(trainer.predict(x[160:]), ort_run(trained, x[160:])) < 1e-4

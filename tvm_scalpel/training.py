@@ -135,6 +135,7 @@ class Trainer:
         self.num_classes = _dim(out_ty.shape.values[1])
         self.weight_masks: dict[str, np.ndarray] = {}
         self.masks: list[MaskLayer] = []
+        self.frozen: set[str] = set()
         self._build(mod, main, n_in, node_masks, trainable)
 
     # -- graph construction --------------------------------------------------------------
@@ -156,6 +157,9 @@ class Trainer:
                 e = values[e].args[0]
             return e if e in params else None
 
+        # batch-norm statistics are constants of the inference form: never updated by SGD
+        self.frozen = {a.name for b in bindings if op_name(b.value) == "relax.nn.batch_norm"
+                       for a in b.value.args[3:5] if a in params}
         layers = [b for b in bindings
                   if op_name(b.value) in LAYER_OPS and weight_param(b.value.args[1]) is not None]
         plan = {}
@@ -180,6 +184,10 @@ class Trainer:
 
         batch = main.params[0].ty.shape.values[0]
         labels = relax.Var("labels", relax.TensorType((batch,), "int64"))
+        logits = masked.body.body
+        final = {b.var: b.value for b in var_bindings(masked)}.get(logits)
+        if op_name(final) == "relax.nn.softmax":  # a model that ends in Softmax: train its logits
+            logits = final.args[0]
         bb = relax.BlockBuilder()
         inputs = list(main.params) + alphas + [labels]
         with bb.function("train_loss", inputs):
@@ -187,7 +195,7 @@ class Trainer:
                 for blk in masked.body.blocks:
                     for b in blk.bindings:
                         bb.emit_normalized(b)
-                logp = bb.emit(relax.op.nn.log_softmax(masked.body.body))
+                logp = bb.emit(relax.op.nn.log_softmax(logits))
                 loss = bb.emit_output(relax.op.nn.nll_loss(logp, labels))
             bb.emit_func_output(loss)
         train_mod = bb.get()
@@ -195,6 +203,8 @@ class Trainer:
         require = [p for p in train_mod["train_loss"].params if p.name not in (main.params[0].name, "labels")]
         self.grad_names = [p.name for p in require]
         if trainable:
+            # batch_norm has no gradient rule: in its inference form it is element-wise ops
+            train_mod = relax.transform.DecomposeOpsForInference()(train_mod)
             train_mod = relax.transform.Gradient("train_loss", require_grads=require)(train_mod)
         else:  # evaluation only: no backward pass to compile
             train_mod = tvm.IRModule({"forward": train_mod["forward"]})
@@ -264,7 +274,7 @@ class Trainer:
         bar = tqdm(total=epochs * steps, desc=desc, disable=not progress, unit="step", leave=False)
         for epoch in range(epochs):
             order = rng.permutation(n)
-            losses, correct = [], 0
+            losses = []
             for s in range(steps):
                 idx = order[s * batch_size:(s + 1) * batch_size]
                 x, y = data.x_train[idx], data.y_train[idx]
@@ -272,7 +282,8 @@ class Trainer:
                 loss, grads = self.vm["train_loss_adjoint"](*args)
                 grads = [g.numpy() for g in grads]
                 losses.append(float(loss.numpy()))
-                g_params = dict(zip(self.grad_names[: len(self.param_names)], grads))
+                g_params = {n: g for n, g in zip(self.grad_names[: len(self.param_names)], grads)
+                            if n not in self.frozen}
                 for name, mask in self.weight_masks.items():
                     g_params[name] *= mask
                 opt.step(self.params, g_params)
