@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,12 +114,41 @@ def compile_onnx(model: onnx.ModelProto, target=None, mode: str = "auto", fuse: 
     return build_relax(to_relax(model), target, mode, fuse)
 
 
-def export_library(exe: tvm.runtime.Executable, path: str | os.PathLike) -> None:
-    """Write a loadable shared library, all-or-nothing."""
+# Cross compilers for the LLVM triples whose libraries we link here but run elsewhere.
+CROSS_COMPILERS = {"aarch64": ("aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu")}
+
+
+def cross_linker(profile: TargetProfile | None):
+    """``fcompile`` for ``export_library``: None (the host's cc) unless the target needs one."""
+    if profile is None or profile.kind != "llvm":
+        return None  # host code of GPU targets is compiled for this machine
+    triple = str(profile.target.attrs.get("mtriple", ""))
+    arch = triple.split("-")[0]
+    if not triple or arch == "x86_64":
+        return None
+    if arch not in CROSS_COMPILERS:
+        raise ScalpelError(f"no shared library for {triple}: a bare-metal target has no loader; "
+                           "use the kernels' object code instead")
+    compiler, package = CROSS_COMPILERS[arch]
+    if shutil.which(compiler) is None:
+        raise ScalpelError(f"{compiler} not found: install the Debian package {package} "
+                           "to cross-compile for {triple}".replace("{triple}", triple))
+    from tvm.support import cc
+
+    return cc.cross_compiler(compiler)
+
+
+def export_library(exe: tvm.runtime.Executable, path: str | os.PathLike,
+                   profile: TargetProfile | None = None) -> None:
+    """Write a loadable shared library, all-or-nothing (cross-linked for non-host targets)."""
     if Path(path).suffix not in (".so", ".dylib", ".dll"):
         raise ScalpelError(f"{path}: the output library must end in .so")
+    fcompile = cross_linker(profile)
     with atomic_output(path, executable=True) as tmp, _quiet_native_stderr():
-        exe.export_library(tmp)
+        if fcompile is None:
+            exe.export_library(tmp)
+        else:
+            exe.export_library(tmp, fcompile=fcompile)
 
 
 @contextlib.contextmanager

@@ -176,16 +176,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from .api import compile_onnx, export_library
+    from .api import cross_linker, compile_onnx, export_library
     from .onnx_io import initializer_names, load_onnx
     from .targets import resolve_target
 
     if Path(args.output).suffix != ".so":
         raise ScalpelError(f"{args.output}: the output library must end in .so")
     profile = resolve_target(args.target)
+    cross_linker(profile)  # a missing cross compiler is an error before minutes of compiling
     model = load_onnx(args.model)
     outcome = compile_onnx(model, profile, mode=args.mode)
-    export_library(outcome.executable, args.output)
+    export_library(outcome.executable, args.output, profile)
     names = initializer_names(model, [d.weight for d in outcome.layers])
     rows = [[name or d.name, f"{d.shape[0]}x{d.shape[1]}", f"{1 - d.density:.3f}", d.group_width or "-",
              d.kernel, f"{d.estimated_speedup:.2f}" if d.group_width else "-"] for d, name in zip(outcome.layers, names)]
@@ -262,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tvm-scalpel", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the passes do")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    target_help = "'x86' (the host CPU, default) or a TVM JSON target string"
+    target_help = ("x86 (the host CPU, default), aarch64, cuda[:sm_XX], cortex-m4, "
+                   "or a TVM JSON target string")
 
     p = sub.add_parser("prune", help="SIMD-aware weight pruning (and node pruning); writes ONNX")
     p.add_argument("model", help="input ONNX model (or lenet-300-100 / lenet5, built in)")

@@ -64,8 +64,30 @@ def _profile_of(name: str, target: tvm.target.Target) -> TargetProfile:
     raise ScalpelError(f"unsupported target kind {kind!r}")
 
 
+# Named targets besides "x86" (the host). "cuda" takes an optional arch: "cuda:sm_90".
+AARCH64 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
+CORTEX_M4 = {"kind": "llvm", "mtriple": "thumbv7em-none-eabihf", "mcpu": "cortex-m4",
+             "mfloat-abi": "hard"}
+DEFAULT_CUDA_ARCH = "sm_80"
+NAMES = ("x86", "aarch64", "cuda[:sm_XX]", "cortex-m4")
+
+
+def _named(text: str) -> TargetProfile | None:
+    if text == "aarch64":
+        return _profile_of("aarch64", tvm.target.Target(AARCH64))
+    if text == "cortex-m4":
+        return _profile_of("cortex-m4", tvm.target.Target(CORTEX_M4))
+    if text == "cuda" or text.startswith("cuda:"):
+        arch = text.partition(":")[2] or DEFAULT_CUDA_ARCH
+        if not (arch.startswith("sm_") and arch[3:].isdigit()):
+            raise ScalpelError(f"invalid CUDA arch {arch!r}: use e.g. cuda:sm_90")
+        return _profile_of("cuda", tvm.target.Target({"kind": "cuda", "arch": arch}))
+    return None
+
+
 def resolve_target(spec: str | tvm.target.Target | TargetProfile | None = "x86") -> TargetProfile:
-    """``x86`` (the host CPU), a TVM JSON target string, or a ``Target``."""
+    """A target name (``x86`` = the host CPU, ``aarch64``, ``cuda[:sm_XX]``, ``cortex-m4``), a
+    TVM JSON target string, or a ``Target``."""
     if isinstance(spec, TargetProfile):
         return spec
     if spec is None or spec == "x86":
@@ -73,9 +95,12 @@ def resolve_target(spec: str | tvm.target.Target | TargetProfile | None = "x86")
     if isinstance(spec, tvm.target.Target):
         return _profile_of(str(spec.kind.name), spec)
     text = str(spec).strip()
+    named = _named(text)
+    if named is not None:
+        return named
     if not text.startswith("{"):
         raise ScalpelError(
-            f"unknown target {text!r}: use 'x86' or a TVM JSON target such as "
+            f"unknown target {text!r}: use one of {', '.join(NAMES)} or a TVM JSON target such as "
             '\'{"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell"}\''
         )
     try:
