@@ -16,6 +16,8 @@ KNOBS = {
     "serial-u1": CpuKnobs(unroll=1, batch_tile=8, parallel_gemv=False, parallel_gemm=False),
     "parallel-u2": CpuKnobs(unroll=2, batch_tile=8, parallel_gemv=True, parallel_gemm=True),
     "u4-tile4": CpuKnobs(unroll=4, batch_tile=4, parallel_gemv=False, parallel_gemm=True),
+    # dense GEMM register blocking over 4 rows; N = 21 leaves a remainder row
+    "rows4-tile4": CpuKnobs(unroll=2, batch_tile=4, parallel_gemm=True, row_tile=4),
 }
 N = 21
 
