@@ -81,7 +81,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     profile = resolve_target(args.target)
     model = _load_model(args.model)
-    wants_data = args.fine_tune or args.max_accuracy_drop is not None or args.nodes_criterion == "masks" and args.nodes is not None
+    node_rates, weights = _apply_policy(args, model, profile)
+    criterion = args.nodes_criterion or ("masks" if args.data else "l1")
+    wants_data = args.fine_tune or args.max_accuracy_drop is not None or (criterion == "masks" and node_rates)
     data = _load_data(args.data) if (wants_data or args.data) else None
     acc_in = None
     if data is not None:
@@ -90,17 +92,26 @@ def cmd_prune(args: argparse.Namespace) -> int:
         fit_data(model, data)  # shape check before any long work
         acc_in = accuracy(model, data)
 
-    if args.nodes is not None:
+    if node_rates:
         from .finetune import node_prune
 
-        result = node_prune(model, args.nodes, data, _settings(args, args.fine_tune),
-                            mask_epochs=args.mask_epochs, criterion=args.nodes_criterion)
+        result = node_prune(model, node_rates, data, _settings(args, args.fine_tune),
+                            mask_epochs=args.mask_epochs, criterion=criterion)
         rows = [[name, result.nodes_before[name], result.nodes_after[name]] for name in result.nodes_before]
         print(format_table(["layer", "nodes before", "nodes after"], rows))
         print(f"node pruning removed {result.removed_fraction * 100:.1f}% of the prunable nodes")
         model = result.model
 
     g = args.group_width or profile.simd_width
+    if not weights:
+        save_onnx(model, args.output)
+        if data is not None:
+            from .finetune import accuracy
+
+            _print_accuracy("before pruning", acc_in)
+            _print_accuracy("after pruning", accuracy(model, data))
+        print(f"wrote {args.output} (target {profile.name}: node pruning only)")
+        return 0
     if args.max_accuracy_drop is not None:
         from .finetune import search_max_rate
 
@@ -137,6 +148,21 @@ def cmd_prune(args: argparse.Namespace) -> int:
                         accuracy(final, data))
     print(f"wrote {args.output} (target {profile.name}, importance {args.importance})")
     return 0
+
+
+def _apply_policy(args: argparse.Namespace, model, profile) -> tuple[dict | float | None, bool]:
+    """``(node pruning rates, whether to weight-prune)`` from the flags or the target's rules."""
+    if args.policy == "none":
+        return args.nodes, True
+    from .policy import plan_layers
+
+    plans = plan_layers(model, profile)
+    rate = args.nodes if args.nodes is not None else 0.5
+    nodes = {p.name: rate for p in plans if p.method == "nodes"}
+    print(f"policy for {profile.name} ({profile.parallelism} parallelism):")
+    print(format_table(["layer", "kind", "pruning", "note"],
+                       [[p.name, p.kind, p.method, p.note] for p in plans]))
+    return nodes or None, any(p.method == "weights" for p in plans)
 
 
 def _print_layer_table(outcome) -> None:
@@ -278,8 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--importance", choices=["rms", "max", "mean"], default="rms")
     p.add_argument("--nodes", type=_rate, default=None, metavar="RATE",
                    help="first remove this fraction of the neurons / feature maps of each layer")
-    p.add_argument("--nodes-criterion", choices=["masks", "l1", "l2"], default="masks",
-                   help="masks: trained mask layers (needs data, default); l1/l2: weight norms")
+    p.add_argument("--nodes-criterion", choices=["masks", "l1", "l2"], default=None,
+                   help="masks: trained mask layers (needs data; the default with --data); "
+                        "l1/l2: weight norms (the default without)")
+    p.add_argument("--policy", choices=["none", "rules"], default="none",
+                   help="rules: the paper's hardware-aware choice per layer for --target (weights "
+                        "for FC and CONV on microcontrollers, FC weights + CONV nodes on CPUs, "
+                        "nodes only on GPUs); none: do what --rate / --nodes say (default)")
     p.add_argument("--mask-epochs", type=_positive, default=3, help="epochs of mask-layer training")
     p.add_argument("--fine-tune", type=_non_negative, default=0, metavar="EPOCHS",
                    help="fine-tune after pruning, pruned weights kept at zero (needs data)")

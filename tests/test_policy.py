@@ -1,0 +1,63 @@
+"""The hardware-aware policy: which pruning each layer gets per target (the paper's rules)."""
+
+import numpy as np
+import onnx
+import pytest
+from helpers import assert_whole_groups, ort_run, run_cli
+from onnx import numpy_helper
+
+from tvm_scalpel import models
+from tvm_scalpel.policy import plan_layers
+from tvm_scalpel.targets import resolve_target
+
+
+def methods(model, target):
+    return {p.name: p.method for p in plan_layers(model, resolve_target(target))}
+
+
+def test_rules_per_parallelism_class():
+    lenet5 = models.lenet5()
+    assert methods(lenet5, "x86") == {"conv1.weight": "nodes", "conv2.weight": "nodes",
+                                      "fc1.weight": "weights", "fc2.weight": "weights"}
+    # GPU: node pruning only; the class-score layer has no next layer to shrink
+    assert methods(lenet5, "cuda") == {"conv1.weight": "nodes", "conv2.weight": "nodes",
+                                       "fc1.weight": "nodes", "fc2.weight": "none"}
+    # microcontroller: weights everywhere, CONV weight pruning not built yet -> left dense
+    assert methods(lenet5, "cortex-m4") == {"conv1.weight": "none", "conv2.weight": "none",
+                                            "fc1.weight": "weights", "fc2.weight": "weights"}
+    mlp = models.mlp([30, 20, 10, 4], seed=3)
+    assert set(methods(mlp, "aarch64").values()) == {"weights"}
+    assert methods(mlp, "cuda:sm_90") == {"fc1.weight": "nodes", "fc2.weight": "nodes", "fc3.weight": "none"}
+
+
+def weights_of(path):
+    return {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+
+
+def test_cli_rules_on_a_cpu_and_a_gpu(tmp_path, rng):
+    dense = {i.name: numpy_helper.to_array(i) for i in models.lenet5().graph.initializer}
+    assert all(np.all(v != 0) for v in dense.values() if v.ndim > 1)
+    x = rng.random((2, 1, 28, 28)).astype(np.float32)
+
+    cpu = tmp_path / "cpu.onnx"
+    res = run_cli("prune", "lenet5", "-o", str(cpu), "--policy", "rules", "--target", "x86",
+                  "--rate", "0.8", "--nodes", "0.5", "--quiet")
+    assert res.returncode == 0, res.stderr
+    assert "moderate parallelism" in res.stdout
+    w = weights_of(cpu)
+    assert w["conv1.weight"].shape[0] == 10 and w["conv2.weight"].shape[:2] == (25, 10)
+    assert np.all(w["conv2.weight"] != 0)  # CONV: node pruning, no sparse weights
+    assert_whole_groups(w["fc1.weight"], 16)  # FC: SIMD-aware weight pruning
+    assert abs(np.mean(w["fc1.weight"] == 0) - 0.8) <= 0.03
+    assert ort_run(onnx.load(str(cpu)), x).shape == (2, 10)
+
+    gpu = tmp_path / "gpu.onnx"
+    res = run_cli("prune", "lenet5", "-o", str(gpu), "--policy", "rules", "--target", "cuda",
+                  "--nodes", "0.5", "--quiet")
+    assert res.returncode == 0, res.stderr
+    w = weights_of(gpu)
+    assert w["fc1.weight"].shape == (250, 25 * 16)
+    for name, value in w.items():  # node pruning only: smaller layers, no zeroed weights
+        if value.ndim > 1:
+            assert np.all(value != 0), name
+    assert ort_run(onnx.load(str(gpu)), x).shape == (2, 10)

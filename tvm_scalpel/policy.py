@@ -1,0 +1,64 @@
+"""The hardware-aware choice of Scalpel: which pruning each layer gets on a target.
+
+The paper's rules, by the target's parallelism class:
+
+* low (microcontrollers): SIMD-aware weight pruning for FC and CONV layers;
+* moderate (CPUs): weight pruning for FC layers, node pruning for CONV layers;
+* high (GPUs): node pruning only: sparse weights do not pay on wide parallel hardware.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+
+from .targets import TargetProfile
+
+RULES: dict[str, dict[str, str]] = {
+    "low": {"fc": "weights", "conv": "weights"},
+    "moderate": {"fc": "weights", "conv": "nodes"},
+    "high": {"fc": "nodes", "conv": "nodes"},
+}
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    name: str  # the layer's weight initializer
+    kind: str  # "fc" or "conv"
+    method: str  # "weights", "nodes" or "none"
+    note: str = ""
+
+
+def _weight_layers(model: onnx.ModelProto) -> list[tuple[str, str]]:
+    """``(weight initializer, "fc" | "conv")`` of every Gemm / MatMul / Conv, in node order."""
+    inits = {i.name: i for i in model.graph.initializer}
+    out = []
+    for node in model.graph.node:
+        if node.op_type in ("Gemm", "MatMul", "Conv") and len(node.input) > 1 and node.input[1] in inits:
+            kind = "conv" if node.op_type == "Conv" else "fc"
+            out.append((node.input[1], kind))
+    return out
+
+
+def plan_layers(model: onnx.ModelProto, profile: TargetProfile) -> list[LayerPlan]:
+    """The rules' choice for every weight layer of ``model`` on ``profile``'s target.
+
+    Node pruning needs a next layer to shrink, so the last layer (the class scores) takes
+    weight pruning where the rules allow it and nothing otherwise; SIMD-aware weight pruning of
+    CONV weights is not built yet: such layers are left dense, with a note.
+    """
+    from .node_pruning import prunable_layers
+
+    rules = RULES[profile.parallelism]
+    node_prunable = {layer.name for layer in prunable_layers(model)}
+    plans = []
+    for name, kind in _weight_layers(model):
+        method, note = rules[kind], ""
+        if method == "nodes" and name not in node_prunable:
+            method = "weights" if rules["fc"] == "weights" and kind == "fc" else "none"
+            note = "no next layer to shrink"
+        if method == "weights" and kind == "conv":
+            method, note = "none", "SIMD-aware CONV weight pruning is not built yet: left dense"
+        plans.append(LayerPlan(name, kind, method, note))
+    return plans
