@@ -58,7 +58,8 @@ class PruneWeightGroups:
     ----------
     rate: fraction of weights to remove per layer, in [0, 1); a mapping from layer index to
         rate prunes only the layers it names.
-    group_width: g; 1 is plain magnitude pruning.
+    group_width: g; 1 is plain magnitude pruning; a mapping from layer index to g (autotuned
+        widths) gives each layer its own, layers it does not name keep ``default_group_width``.
     importance: "rms" (default), "max" or "mean".
     report: when a list is given, one ``PrunedLayer`` per pruned layer is appended to it.
     """
@@ -66,12 +67,14 @@ class PruneWeightGroups:
     def __init__(
         self,
         rate: float | Mapping[int, float],
-        group_width: int,
+        group_width: int | Mapping[int, int],
         importance: str = "rms",
         report: list[PrunedLayer] | None = None,
+        default_group_width: int = 16,
     ) -> None:
         self.rate = rate
         self.group_width = group_width
+        self.default_group_width = default_group_width
         self.importance = importance
         self.report = report
 
@@ -89,7 +92,9 @@ class PruneWeightGroups:
                 rate = self._rate_for(layer.index)
                 if rate is None or layer.weight_const in replace:
                     continue
-                g = min(self.group_width, layer.shape[1])
+                g = (self.group_width.get(layer.index, self.default_group_width)
+                     if isinstance(self.group_width, Mapping) else self.group_width)
+                g = min(g, layer.shape[1])
                 result = prune_groups(layer.weight, g, rate, self.importance)
                 stored = result.weight if layer.transposed else result.weight.T
                 replace[layer.weight_const] = relax.const(np.ascontiguousarray(stored))

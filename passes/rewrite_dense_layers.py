@@ -65,9 +65,10 @@ def estimated_speedup(sparse: GroupedSparseMatrix, simd_width: int) -> float:
 class _Lowering:
     """Builds the kernel call for one layer."""
 
-    def __init__(self, profile: TargetProfile, mode: Mode) -> None:
+    def __init__(self, profile: TargetProfile, mode: Mode, knobs_for=None) -> None:
         self.profile = profile
         self.mode = mode
+        self.knobs_for = knobs_for
 
     def decide(self, layer: DenseLayer) -> tuple[LayerDecision, GroupedSparseMatrix | None]:
         n, k = layer.shape
@@ -100,8 +101,12 @@ class _Lowering:
         out_ty = relax.TensorType((batch, n), "float32")
         if sparse is not None:
             packed = schedules.pack_grouped_sparse(sparse)  # handles an all-zero layer too
+            knobs = None
+            if self.knobs_for is not None:
+                rate = 1.0 - float(np.count_nonzero(layer.weight)) / layer.weight.size
+                knobs = self.knobs_for(n, k, sparse.group_width, rate)
             spec = schedules.layer_spec(self.profile, n, k, layer.relu, sparse.group_width,
-                                        sparse.n_groups)
+                                        sparse.n_groups, knobs)
             name = f"scalpel_grouped_sparse_dense_{n}x{k}_g{sparse.group_width}"
             operands = [packed.values, packed.offsets, packed.indptr, bias]
         else:
@@ -153,19 +158,23 @@ class RewriteDenseLayers:
     target: a ``TargetProfile``, a ``tvm.target.Target``, "x86" or a JSON target string.
     mode: "auto" (the cost model decides), "sparse" (every layer with zeros) or "dense".
     report: when a list is given, one ``LayerDecision`` per layer is appended to it.
+    knobs_for: ``(n, k, g, rate) -> CpuKnobs | None``, e.g. a tuning database's
+        ``knobs_for``: the kernel knobs of a grouped-sparse layer (default: the target's).
     """
 
-    def __init__(self, target=None, mode: Mode = "auto", report: list[LayerDecision] | None = None):
+    def __init__(self, target=None, mode: Mode = "auto", report: list[LayerDecision] | None = None,
+                 knobs_for=None):
         self.profile = resolve_target(target)
         self.mode = mode
         self.report = report
+        self.knobs_for = knobs_for
 
     def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
         if not schedules.supports(self.profile):
             log.warning("no dense-layer kernels for target kind %r: dense layers left to TVM",
                         self.profile.kind)
             return mod
-        lowering = _Lowering(self.profile, self.mode)
+        lowering = _Lowering(self.profile, self.mode, self.knobs_for)
         rewriter = _LayerRewriter(mod, lowering)
         for gv, func in mod.functions_items():
             if not isinstance(func, relax.Function):

@@ -54,23 +54,29 @@ def prune_onnx(
     group_width: int | None = None,
     importance: str = "rms",
     last_layer_rate: float | None = None,
+    tuning_db: str | os.PathLike | None = None,
 ) -> PruneOutcome:
     """SIMD-aware weight pruning of every dense layer (g defaults to the target's SIMD width).
 
+    ``group_width="auto"`` takes each layer's g from the tuning database ``tuning_db`` (the
+    fastest width measured by ``tvm-scalpel tune`` for that shape and rate on this target).
     ``last_layer_rate`` prunes the last dense layer (the class scores, ~0.4% of LeNet-300-100's
     weights, and the most sensitive) at its own rate, as Han et al. do (74% there)."""
-    check_prune_args(rate, group_width, importance)
+    auto = group_width == "auto"
+    check_prune_args(rate, None if auto else group_width, importance)
     if last_layer_rate is not None:
-        check_prune_args(last_layer_rate, group_width, importance)
+        check_prune_args(last_layer_rate, None, importance)
     profile = resolve_target(target)
-    g = group_width or profile.simd_width
     mod = to_relax(model)
+    layers = find_dense_layers(mod["main"], warn=False)
     rates: float | dict[int, float] = rate
     if last_layer_rate is not None:
-        count = len(find_dense_layers(mod["main"], warn=False))
-        rates = {i: (last_layer_rate if i == count - 1 else rate) for i in range(count)}
+        rates = {i: (last_layer_rate if i == len(layers) - 1 else rate) for i in range(len(layers))}
+    g: int | dict[int, int] = profile.simd_width if auto or group_width is None else group_width
+    if auto:
+        g = tuned_group_widths(layers, rates, profile, tuning_db)
     report: list[PrunedLayer] = []
-    PruneWeightGroups(rates, g, importance, report=report)(mod)
+    PruneWeightGroups(rates, g, importance, report=report, default_group_width=profile.simd_width)(mod)
     pruned = onnx.ModelProto()
     pruned.CopyFrom(model)
     names = replace_weights(pruned, [(r.original, r.pruned) for r in report])
@@ -83,6 +89,37 @@ def prune_onnx(
     return PruneOutcome(pruned, kept, {r.index: by_index[i] for i, r in enumerate(report) if i in by_index})
 
 
+def dense_layer_shapes(model: onnx.ModelProto) -> list[tuple[str, tuple[int, int]]]:
+    """``(ONNX weight name, (N, K))`` of every dense layer our passes take."""
+    from .onnx_io import initializer_names
+
+    layers = find_dense_layers(to_relax(model)["main"], warn=False)
+    names = initializer_names(model, [layer.weight for layer in layers])
+    return [(name or str(layer.matmul.name), layer.shape) for name, layer in zip(names, layers)]
+
+
+def tuned_group_widths(layers, rates, profile: TargetProfile, tuning_db) -> dict[int, int]:
+    """Each layer's fastest measured g; the SIMD width (with a warning) where none is known."""
+    from .tuning import Task, TuningDatabase
+
+    if tuning_db is None:
+        raise ScalpelError("--group-width auto needs a tuning database (--db), made by 'tvm-scalpel tune'")
+    if not Path(tuning_db).exists():
+        raise ScalpelError(f"{tuning_db}: no such tuning database; run 'tvm-scalpel tune' first")
+    db = TuningDatabase(tuning_db)
+    widths = {}
+    for layer in layers:
+        n, k = layer.shape
+        rate = rates.get(layer.index) if isinstance(rates, dict) else rates
+        best = db.best(Task(n, k, rate), profile)
+        if best is None:
+            log.warning("no tuning record for layer %dx%d at rate %.3f on this target: g=%d",
+                        n, k, rate, profile.simd_width)
+            continue
+        widths[layer.index] = best[0].group_width
+    return widths
+
+
 @dataclass
 class CompileOutcome:
     executable: tvm.runtime.Executable
@@ -90,16 +127,26 @@ class CompileOutcome:
     profile: TargetProfile
 
 
-def build_relax(mod: tvm.IRModule, target=None, mode: str = "auto", fuse: bool = True) -> CompileOutcome:
-    """Rewrite dense layers to our kernels (fusing chains of them unless ``fuse=False``) and
-    compile with TVM's default pipeline."""
+def build_relax(mod: tvm.IRModule, target=None, mode: str = "auto", fuse: bool = True,
+                tuning_db: str | os.PathLike | None = None) -> CompileOutcome:
+    """Rewrite dense layers to our kernels (fusing chains of them unless ``fuse=False``; with
+    the kernel knobs measured best in ``tuning_db`` where it has them) and compile with TVM's
+    default pipeline."""
     profile = resolve_target(target)
     try:
         default_pipeline = relax.get_default_pipeline(profile.target)
     except ValueError:
         raise ScalpelError(f"TVM cannot compile whole models for target kind {profile.kind!r}") from None
     report: list[LayerDecision] = []
-    passes = [RewriteDenseLayers(profile, mode=mode, report=report)]
+    knobs_for = None
+    if tuning_db is not None:
+        from .tuning import TuningDatabase
+
+        if not Path(tuning_db).exists():
+            raise ScalpelError(f"{tuning_db}: no such tuning database")
+        db = TuningDatabase(tuning_db)
+        knobs_for = lambda n, k, g, rate: db.knobs_for(profile, n, k, g, rate)  # noqa: E731
+    passes = [RewriteDenseLayers(profile, mode=mode, report=report, knobs_for=knobs_for)]
     if fuse:
         passes.append(FuseDenseChains(profile))
     seq = tvm.transform.Sequential(passes + [default_pipeline])
@@ -107,11 +154,12 @@ def build_relax(mod: tvm.IRModule, target=None, mode: str = "auto", fuse: bool =
     return CompileOutcome(exe, report, profile)
 
 
-def compile_onnx(model: onnx.ModelProto, target=None, mode: str = "auto", fuse: bool = True) -> CompileOutcome:
+def compile_onnx(model: onnx.ModelProto, target=None, mode: str = "auto", fuse: bool = True,
+                 tuning_db: str | os.PathLike | None = None) -> CompileOutcome:
     """Compile an ONNX model; layers whose zeros form groups and pay go grouped-sparse."""
     if mode not in ("auto", "sparse", "dense"):
         raise ScalpelError(f"unknown mode {mode!r}: use auto, sparse or dense")
-    return build_relax(to_relax(model), target, mode, fuse)
+    return build_relax(to_relax(model), target, mode, fuse, tuning_db)
 
 
 # Cross compilers for the LLVM triples whose libraries we link here but run elsewhere.

@@ -33,7 +33,9 @@ def _rate(text: str) -> float:
     return value
 
 
-def _group_width(text: str) -> int:
+def _group_width(text: str) -> int | str:
+    if text == "auto":
+        return text
     try:
         value = int(text)
     except ValueError:
@@ -102,7 +104,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print(f"node pruning removed {result.removed_fraction * 100:.1f}% of the prunable nodes")
         model = result.model
 
-    g = args.group_width or profile.simd_width
+    g = profile.simd_width if args.group_width in (None, "auto") else args.group_width
     if not weights:
         save_onnx(model, args.output)
         if data is not None:
@@ -129,7 +131,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     else:
         rate, model_to_prune = args.rate, model
     last = None if args.last_layer_rate is None else min(rate, args.last_layer_rate)
-    outcome = prune_onnx(model_to_prune, rate, profile, args.group_width, args.importance, last)
+    outcome = prune_onnx(model_to_prune, rate, profile, args.group_width, args.importance, last,
+                         tuning_db=args.db)
     final = outcome.model
     if args.fine_tune and args.max_accuracy_drop is None and rate > 0:
         from .finetune import train
@@ -182,6 +185,39 @@ def _print_layer_table(outcome) -> None:
     print(format_table(["layer", "shape (NxK)", "g", "rate", "dense bytes", "grouped-sparse bytes"], rows))
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .api import dense_layer_shapes
+    from .targets import resolve_target
+    from .tuning import Task, TuningDatabase, tune_task
+
+    profile = resolve_target(args.target)
+    if profile.kind != "llvm":
+        raise ScalpelError(f"tuning measures on this machine: target {profile.name} cannot run here "
+                           "(measuring on other machines over TVM RPC is not built yet)")
+    shapes = dense_layer_shapes(_load_model(args.model))
+    if not shapes:
+        raise ScalpelError(f"{args.model}: no dense layer to tune")
+    db = TuningDatabase(args.db)
+    tasks = [Task(n, k, args.rate, args.batch) for _, (n, k) in shapes]
+    rows, total_new = [], 0
+    with tqdm(total=len(tasks) * args.trials, desc="tune", unit="trial", disable=args.quiet,
+              leave=False) as bar:
+        for (name, _), task in zip(shapes, tasks):
+            best, secs, new = tune_task(task, profile, db, args.trials, progress=bar)
+            bar.update(args.trials - new)
+            total_new += new
+            rows.append([name, f"{task.n}x{task.k}", best.group_width, best.unroll,
+                         best.batch_tile if task.batch > 1 else "-", "yes" if best.parallel else "no",
+                         f"{secs * 1e6:.2f}", new])
+    print(format_table(["layer", "shape (NxK)", "best g", "unroll", "batch tile", "threads",
+                        "us", "new trials"], rows))
+    print(f"{total_new} new measurements; database {args.db} (target {profile.name}, "
+          f"rate {args.rate}, batch {args.batch})")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .finetune import accuracy, fit_data, train
     from .onnx_io import save_onnx
@@ -211,7 +247,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     profile = resolve_target(args.target)
     cross_linker(profile)  # a missing cross compiler is an error before minutes of compiling
     model = load_onnx(args.model)
-    outcome = compile_onnx(model, profile, mode=args.mode)
+    outcome = compile_onnx(model, profile, mode=args.mode, tuning_db=args.db)
     export_library(outcome.executable, args.output, profile)
     names = initializer_names(model, [d.weight for d in outcome.layers])
     rows = [[name or d.name, f"{d.shape[0]}x{d.shape[1]}", f"{1 - d.density:.3f}", d.group_width or "-",
@@ -297,7 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="pruned ONNX model to write")
     p.add_argument("--target", default="x86", help=target_help)
     p.add_argument("--group-width", type=_group_width, default=None,
-                   help="g, weights per group (default: the target's fp32 SIMD width; 1 = unstructured)")
+                   help="g, weights per group (default: the target's fp32 SIMD width; 1 = "
+                        "unstructured; auto = each layer's fastest g in the tuning database)")
+    p.add_argument("--db", default=None, help="tuning database written by 'tvm-scalpel tune'")
     p.add_argument("--rate", type=_rate, default=0.9, help="fraction of each layer's weights to remove")
     p.add_argument("--last-layer-rate", type=_rate, default=None,
                    help="rate for the last dense layer (the class scores); default: --rate")
@@ -319,6 +357,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_args(p, data_help="data for fine-tuning and accuracy (default: mnist-sample when needed)")
     p.set_defaults(func=cmd_prune)
 
+    u = sub.add_parser("tune", help="measure the fastest group width and kernel knobs per layer")
+    u.add_argument("model", help="ONNX model (or lenet-300-100 / lenet5, built in)")
+    u.add_argument("--target", default="x86", help=target_help)
+    u.add_argument("--db", required=True, help="tuning database (JSON lines; created or extended)")
+    u.add_argument("--rate", type=_rate, default=0.9, help="pruning rate the layers are tuned for")
+    u.add_argument("--batch", type=_positive, default=1, help="batch size tuned for")
+    u.add_argument("--trials", type=_positive, default=16,
+                   help="candidates known per layer at the end (database records count)")
+    u.add_argument("--quiet", action="store_true", help="no progress bar")
+    u.set_defaults(func=cmd_tune)
+
     t = sub.add_parser("train", help="train a classifier with TVM; writes the trained ONNX")
     t.add_argument("model", help="ONNX model, or lenet-300-100 / lenet5 (built in)")
     t.add_argument("-o", "--output", required=True, help="trained ONNX model to write")
@@ -332,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--target", default="x86", help=target_help)
     c.add_argument("--mode", choices=["auto", "sparse", "dense"], default="auto",
                    help="auto: sparse only where the cost model says it pays (default)")
+    c.add_argument("--db", default=None, help="tuning database: use the kernel knobs measured best")
     c.set_defaults(func=cmd_compile)
 
     r = sub.add_parser("run", help="run a compiled library on a .npy input")

@@ -1,0 +1,160 @@
+"""Group-width autotuning: search logic, the database, and the CLI round trip."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from helpers import assert_whole_groups, run_cli
+from onnx import numpy_helper
+
+from tvm_scalpel import ScalpelError, models, prune_onnx
+from tvm_scalpel.targets import resolve_target
+from tvm_scalpel.tuning import Candidate, Task, TuningDatabase, candidates, measure, tune_task
+
+
+@pytest.fixture
+def host():
+    return resolve_target("x86")
+
+
+def synthetic_cost(seed: int):
+    """A deterministic stand-in for measuring: a smooth cost with one best candidate."""
+    rng = np.random.default_rng(seed)
+    noise = {}
+
+    def cost(task, cand, profile):
+        key = (cand.group_width, cand.unroll, cand.batch_tile, cand.parallel)
+        noise.setdefault(key, rng.uniform(0.97, 1.03))
+        g_term = abs(np.log2(cand.group_width) - 3)  # best g = 8
+        return 1e-6 * (1 + g_term + 0.3 * abs(cand.unroll - 2) + 0.5 * cand.parallel) * noise[key]
+
+    return cost
+
+
+def test_tuner_finds_the_exhaustive_best_group_width(host, tmp_path):
+    task = Task(64, 96, 0.9)
+    cost = synthetic_cost(7)
+    space = candidates(task, host)
+    assert {c.group_width for c in space} == {1, 2, 4, 8, 16, 32}
+    exhaustive = {c: cost(task, c, host) for c in space}
+    best_exhaustive = min(exhaustive.values())
+    db = TuningDatabase(tmp_path / "db.jsonl")
+    calls = []
+
+    def counted(task, cand, profile):
+        calls.append(cand)
+        return cost(task, cand, profile)
+
+    best, secs, new = tune_task(task, host, db, trials=14, measure_fn=counted)
+    assert new == len(calls) == 14 < len(space)  # the model cut the measurements
+    assert secs <= 1.05 * best_exhaustive
+    assert best.group_width == 8
+    # a second run with the same budget measures nothing new
+    again = TuningDatabase(tmp_path / "db.jsonl")
+    best2, secs2, new2 = tune_task(task, host, again, trials=14, measure_fn=counted)
+    assert (best2, secs2, new2) == (best, secs, 0) and len(calls) == 14
+
+
+def test_database_survives_corruption_and_keeps_other_targets(host, tmp_path, caplog):
+    path = tmp_path / "db.jsonl"
+    task = Task(32, 40, 0.8)
+    db = TuningDatabase(path)
+    cand = Candidate(8, 2, 8, False)
+    db.add(task, host, cand, 2e-6)
+    other = resolve_target('{"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell"}')
+    db.add(task, other, Candidate(4, 1, 8, False), 1e-6)
+    with open(path, "a") as f:
+        f.write('{"key": "broken", "candid\n')  # an interrupted write
+        f.write("not json at all\n")
+    before = path.read_text()
+    loaded = TuningDatabase(path)
+    assert "skipped 2 unreadable line" in caplog.text
+    assert loaded.best(task, host) == (cand, 2e-6)  # records of another target never mix
+    assert loaded.best(task, other) == (Candidate(4, 1, 8, False), 1e-6)
+    loaded.add(task, host, Candidate(16, 2, 8, False), 1.5e-6)
+    assert path.read_text().startswith(before)  # nothing lost, appended only
+    assert loaded.best(task, host)[0].group_width == 16
+    with pytest.raises(ScalpelError, match="is a directory"):
+        TuningDatabase(tmp_path)
+
+
+def test_real_measurement_is_positive_and_finite(host):
+    secs = measure(Task(24, 40, 0.5), Candidate(8, 2, 8, False), host, min_repeat_ms=1)
+    assert 0 < secs < 1e-2
+
+
+def test_prune_with_tuned_group_widths(host, tmp_path):
+    model = models.mlp([48, 40, 24, 6], seed=11)
+    path = tmp_path / "db.jsonl"
+    db = TuningDatabase(path)
+    # pretend the tuner found g=4 fastest for the first layer and g=8 for the second
+    db.add(Task(40, 48, 0.75), host, Candidate(4, 2, 8, False), 1e-6)
+    db.add(Task(40, 48, 0.75), host, Candidate(16, 2, 8, False), 2e-6)
+    db.add(Task(24, 40, 0.75), host, Candidate(8, 1, 8, False), 1e-6)
+    out = prune_onnx(model, 0.75, host, "auto", tuning_db=path)
+    widths = [layer.group_width for layer in out.layers]
+    assert widths == [4, 8, host.simd_width]  # the third layer has no record: SIMD width
+    w = {i.name: numpy_helper.to_array(i) for i in out.model.graph.initializer}
+    assert_whole_groups(w["fc1.weight"], 4)
+    assert_whole_groups(w["fc2.weight"], 8)
+    with pytest.raises(ScalpelError, match="needs a tuning database"):
+        prune_onnx(model, 0.75, host, "auto")
+    with pytest.raises(ScalpelError, match="no such tuning database"):
+        prune_onnx(model, 0.75, host, "auto", tuning_db=tmp_path / "missing.jsonl")
+
+
+def test_cli_tune_then_prune_auto(tmp_path):
+    model_path = tmp_path / "m.onnx"
+    onnx.save(models.mlp([40, 24, 6], seed=2), str(model_path))
+    db = tmp_path / "db.jsonl"
+    first = run_cli("tune", str(model_path), "--db", str(db), "--rate", "0.75", "--trials", "7", "--quiet")
+    assert first.returncode == 0, first.stderr
+    assert "fc1.weight" in first.stdout and "14 new measurements" in first.stdout
+    records = [json.loads(line) for line in db.read_text().splitlines()]
+    assert len(records) == 14 and all(r["seconds"] > 0 for r in records)
+    second = run_cli("tune", str(model_path), "--db", str(db), "--rate", "0.75", "--trials", "7", "--quiet")
+    assert second.returncode == 0 and "0 new measurements" in second.stdout
+    out = tmp_path / "p.onnx"
+    pruned = run_cli("prune", str(model_path), "-o", str(out), "--rate", "0.75", "--group-width", "auto",
+                     "--db", str(db))
+    assert pruned.returncode == 0, pruned.stderr
+    bad = run_cli("tune", str(model_path), "--db", str(db), "--target", "cuda")
+    assert bad.returncode == 2 and "cannot run here" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_compile_uses_the_knobs_measured_best(host, tmp_path, rng):
+    from tvm_scalpel import compile_onnx
+
+    model = models.mlp([48, 40, 6], seed=4)
+    pruned = prune_onnx(model, 0.75, host, 8).model
+    path = tmp_path / "db.jsonl"
+    db = TuningDatabase(path)
+    db.add(Task(40, 48, 0.75), host, Candidate(8, 4, 8, True), 1e-6)
+    db.add(Task(40, 48, 0.75), host, Candidate(8, 1, 8, False), 3e-6)
+    knobs = db.knobs_for(host, 40, 48, 8, 0.7502)
+    assert (knobs.unroll, knobs.parallel_gemv) == (4, True)
+    assert db.knobs_for(host, 40, 48, 16, 0.75) is None  # another g: no record
+    built = compile_onnx(pruned, host, tuning_db=path)
+    specs = [spec for _, spec in built_module_funcs(pruned, host, path)]
+    assert [(s["n"], s["unroll"], s["parallel_gemv"]) for s in specs] == [(40, 4, 1), (6, 2, 0)]
+    from helpers import ort_run, rel_err, vm_run
+
+    x = rng.standard_normal((3, 48)).astype(np.float32)
+    assert rel_err(vm_run(built.executable, x), ort_run(pruned, x)) < 1e-4
+
+
+def built_module_funcs(model, host, path):
+    """The layer specs our kernels were built with (read back from the rewritten module)."""
+    import tvm
+
+    from tvm_scalpel.onnx_io import to_relax
+    from tvm_scalpel.passes import RewriteDenseLayers
+    from tvm_scalpel.tuning import TuningDatabase
+
+    db = TuningDatabase(path)
+    mod = RewriteDenseLayers(host, knobs_for=lambda n, k, g, r: db.knobs_for(host, n, k, g, r))(to_relax(model))
+    for gv, func in mod.functions_items():
+        if isinstance(func, tvm.tirx.PrimFunc) and func.attrs and "scalpel.layers" in func.attrs:
+            for layer in func.attrs["scalpel.layers"]:
+                yield gv, {str(k): int(v) for k, v in dict(layer).items()}

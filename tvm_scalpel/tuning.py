@@ -1,0 +1,214 @@
+"""Group-width autotuning: measure candidate group widths and schedule knobs per layer shape.
+
+For a dense layer ``[N, K]`` at a pruning rate and batch size, each candidate is a group width
+g and a set of kernel knobs. A weight of that shape is pruned with g, the grouped-sparse kernel
+is built with the knobs and timed on the target. As TVM's own tuners do, an XGBoost model
+trained on the measurements so far ranks the rest, and only the most promising are measured
+until the trial budget is spent.
+
+Every measurement is appended to a JSON-lines database at once, so an interrupted run loses
+nothing and a second run measures nothing it already knows. Records are keyed by the target
+(its JSON), so one file serves several targets; a line that does not parse is skipped with a
+warning, never deleted.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ScalpelError
+from .pruning import prune_groups
+from .targets import TargetProfile
+
+log = logging.getLogger("tvm_scalpel.tuning")
+
+GROUP_WIDTHS = (1, 2, 4, 8, 16, 32)
+
+
+@dataclass(frozen=True)
+class Task:
+    """What is tuned: one layer shape at one pruning rate and batch size."""
+
+    n: int
+    k: int
+    rate: float
+    batch: int = 1
+
+    def key(self, profile: TargetProfile) -> str:
+        return json.dumps([str(profile.target), self.n, self.k, round(self.rate, 3), self.batch])
+
+
+@dataclass(frozen=True)
+class Candidate:
+    group_width: int
+    unroll: int
+    batch_tile: int
+    parallel: bool
+
+    def features(self, task: Task) -> list[float]:
+        density = 1.0 - task.rate
+        return [math.log2(self.group_width), self.unroll, self.batch_tile, float(self.parallel),
+                math.log2(task.n), math.log2(task.k), density, math.log2(task.batch)]
+
+
+@dataclass
+class Measurement:
+    task: Task
+    candidate: Candidate
+    seconds: float
+
+
+def candidates(task: Task, profile: TargetProfile) -> list[Candidate]:
+    widths = [g for g in GROUP_WIDTHS if g <= task.k and g <= 2 * max(profile.simd_width, 1)]
+    tiles = (4, 8) if task.batch > 1 else (8,)  # the batch tile only matters beyond batch 1
+    return [Candidate(g, u, t, p) for g, u, t, p in
+            itertools.product(widths, (1, 2, 4), tiles, (False, True))]
+
+
+class TuningDatabase:
+    """Append-only JSON lines: one measurement a line."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.records: dict[str, list[dict]] = {}
+        if self.path.is_dir():
+            raise ScalpelError(f"{self.path}: is a directory, not a tuning database")
+        if self.path.exists():
+            self._load()
+
+    def _load(self) -> None:
+        bad = 0
+        with open(self.path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                    key, cand, secs = rec["key"], rec["candidate"], float(rec["seconds"])
+                    Candidate(**cand)
+                except (ValueError, KeyError, TypeError):
+                    bad += line.strip() != ""
+                    continue
+                self.records.setdefault(key, []).append({"candidate": cand, "seconds": secs})
+        if bad:
+            log.warning("%s: skipped %d unreadable line(s); they are kept in the file", self.path, bad)
+
+    def lookup(self, task: Task, profile: TargetProfile) -> dict[Candidate, float]:
+        return {Candidate(**r["candidate"]): r["seconds"] for r in self.records.get(task.key(profile), [])}
+
+    def add(self, task: Task, profile: TargetProfile, candidate: Candidate, seconds: float) -> None:
+        rec = {"key": task.key(profile), "candidate": asdict(candidate), "seconds": seconds}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.records.setdefault(rec["key"], []).append({"candidate": rec["candidate"], "seconds": seconds})
+
+    def knobs_for(self, profile: TargetProfile, n: int, k: int, group_width: int, rate: float,
+                  batch: int = 1, tolerance: float = 0.02):
+        """The fastest measured kernel knobs for a ``[n, k]`` layer pruned with ``group_width``
+        at about ``rate`` (the rate a compiled model's zeros show is not exactly the asked one),
+        as ``CpuKnobs``; None if the database has no such record."""
+        from .schedules import CpuKnobs
+
+        best = None
+        for key, records in self.records.items():
+            target, kn, kk, krate, kbatch = json.loads(key)
+            if (target, kn, kk, kbatch) != (str(profile.target), n, k, batch) or abs(krate - rate) > tolerance:
+                continue
+            for r in records:
+                cand = Candidate(**r["candidate"])
+                if cand.group_width == group_width and (best is None or r["seconds"] < best[1]):
+                    best = (cand, r["seconds"])
+        if best is None:
+            return None
+        c = best[0]
+        return CpuKnobs(unroll=c.unroll, batch_tile=c.batch_tile, parallel_gemv=c.parallel,
+                        parallel_gemm=c.parallel)
+
+    def best(self, task: Task, profile: TargetProfile) -> tuple[Candidate, float] | None:
+        known = self.lookup(task, profile)
+        if not known:
+            return None
+        cand = min(known, key=known.get)
+        return cand, known[cand]
+
+
+def measure(task: Task, candidate: Candidate, profile: TargetProfile, seed: int = 0,
+            min_repeat_ms: int = 20) -> float:
+    """Seconds per call of the grouped-sparse kernel for ``task`` built as ``candidate``."""
+    import tvm
+
+    from . import schedules
+    from .format import GroupedSparseMatrix
+    from .schedules import CpuKnobs
+
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((task.n, task.k)).astype(np.float32)
+    m = GroupedSparseMatrix.from_dense(prune_groups(w, candidate.group_width, task.rate).weight,
+                                       candidate.group_width)
+    packed = schedules.pack_grouped_sparse(m)
+    knobs = CpuKnobs(unroll=candidate.unroll, batch_tile=candidate.batch_tile,
+                     parallel_gemv=candidate.parallel, parallel_gemm=candidate.parallel)
+    spec = schedules.layer_spec(profile, task.n, task.k, True, m.group_width, m.n_groups, knobs)
+    func = schedules.kernel(profile, [spec]).with_attr("global_symbol", "main")
+    exe = tvm.compile(tvm.IRModule({"main": func}), target=profile.target)
+    dev = tvm.cpu()
+    x = rng.standard_normal((task.batch, task.k)).astype(np.float32)
+    args = [tvm.runtime.tensor(a, dev) for a in
+            (x, packed.values, packed.offsets, packed.indptr, np.zeros(task.n, np.float32),
+             np.zeros((task.batch, task.n), np.float32))]
+    timer = exe.mod.time_evaluator("main", dev, number=10, repeat=5, min_repeat_ms=min_repeat_ms)
+    return float(np.median(timer(*args).results))
+
+
+def _rank(measured: dict[Candidate, float], todo: list[Candidate], task: Task, seed: int) -> list[Candidate]:
+    """``todo`` best-first by an XGBoost model of log-time fitted on ``measured``."""
+    if len(measured) < 4:
+        return todo
+    import xgboost as xgb
+
+    model = xgb.XGBRegressor(n_estimators=60, max_depth=4, learning_rate=0.2, random_state=seed,
+                             n_jobs=1, verbosity=0)
+    model.fit(np.array([c.features(task) for c in measured]),
+              np.log(np.array(list(measured.values()))))
+    pred = model.predict(np.array([c.features(task) for c in todo]))
+    return [todo[i] for i in np.argsort(pred, kind="stable")]
+
+
+def tune_task(task: Task, profile: TargetProfile, db: TuningDatabase, trials: int,
+              seed: int = 0, measure_fn=measure, progress=None) -> tuple[Candidate, float, int]:
+    """Measure candidates until ``trials`` of them are known (database records count), so a
+    second run with the same budget measures nothing. Returns ``(best, seconds, new ones)``.
+
+    The first round measures one candidate per group width (so no width goes unseen), later
+    rounds take the XGBoost model's best-ranked untried candidates.
+    """
+    space = candidates(task, profile)
+    measured = {c: s for c, s in db.lookup(task, profile).items() if c in space}
+    new = 0
+    first = [c for c in space if c.unroll == 2 and c.batch_tile == 8 and not c.parallel]
+    while len(measured) < trials:
+        todo = [c for c in space if c not in measured]
+        if not todo:
+            break
+        seen_widths = {c.group_width for c in measured}
+        pending = [c for c in first if c.group_width not in seen_widths and c in todo]
+        batch = pending or _rank(measured, todo, task, seed)[:4]
+        for cand in batch[: trials - len(measured)]:
+            secs = measure_fn(task, cand, profile)
+            db.add(task, profile, cand, secs)
+            measured[cand] = secs
+            new += 1
+            if progress is not None:
+                progress.update(1)
+    if not measured:
+        raise ScalpelError(f"no candidate could be measured for layer {task.n}x{task.k}")
+    best = min(measured, key=measured.get)
+    return best, measured[best], new
