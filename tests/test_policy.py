@@ -61,3 +61,40 @@ def test_cli_rules_on_a_cpu_and_a_gpu(tmp_path, rng):
         if value.ndim > 1:
             assert np.all(value != 0), name
     assert ort_run(onnx.load(str(gpu)), x).shape == (2, 10)
+
+
+def test_measured_policy_undoes_pruning_where_dense_is_faster(tmp_path, rng):
+    from tvm_scalpel import prune_onnx
+    from tvm_scalpel.format import GroupedSparseMatrix
+    from tvm_scalpel.policy import keep_where_sparse_pays
+
+    model = models.mlp([40, 32, 16, 4], seed=9)
+    host = resolve_target("x86")
+    outcome = prune_onnx(model, 0.6, host, 8)
+    first = outcome.layers[0].original
+
+    def fake_time(w):  # sparse pays on every layer but the first
+        if isinstance(w, GroupedSparseMatrix):
+            return 2.0 if np.array_equal(w.to_dense() != 0, outcome.layers[0].pruned != 0) else 0.5
+        return 1.0
+
+    measured = keep_where_sparse_pays(outcome, host, fake_time)
+    assert [m.pays for m in measured] == [False, True, True]
+    w = {i.name: numpy_helper.to_array(i) for i in outcome.model.graph.initializer}
+    np.testing.assert_array_equal(w["fc1.weight"], first)  # dense weights given back
+    assert np.mean(w["fc2.weight"] == 0) > 0.5
+
+
+def test_cli_measured_policy_keeps_csr_out_when_it_is_slower(tmp_path):
+    """Unstructured pruning at 30%: CSR is slower than dense on this CPU, so it is undone."""
+    out = tmp_path / "m.onnx"
+    res = run_cli("prune", "lenet-300-100", "-o", str(out), "--policy", "measured", "--rate", "0.3",
+                  "--group-width", "1")
+    assert res.returncode == 0, res.stderr
+    assert "undone: dense is faster" in res.stdout
+    w = weights_of(out)
+    assert np.all(w["fc1.weight"] != 0)
+    bad = run_cli("prune", "lenet-300-100", "-o", str(tmp_path / "x.onnx"), "--policy", "measured",
+                  "--target", "aarch64")
+    assert bad.returncode == 2 and "measured policy" in bad.stderr
+    assert not (tmp_path / "x.onnx").exists()

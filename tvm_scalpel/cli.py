@@ -133,6 +133,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
     last = None if args.last_layer_rate is None else min(rate, args.last_layer_rate)
     outcome = prune_onnx(model_to_prune, rate, profile, args.group_width, args.importance, last,
                          tuning_db=args.db)
+    if args.policy == "measured":
+        from .policy import keep_where_sparse_pays
+
+        measured = keep_where_sparse_pays(outcome, profile)
+        print(format_table(["layer", "dense us", "grouped-sparse us", "weight pruning"],
+                           [[m.name, f"{m.dense_us:.2f}", f"{m.sparse_us:.2f}",
+                             "kept" if m.pays else "undone: dense is faster"] for m in measured]))
+        outcome.layers = [layer for layer, m in zip(outcome.layers, measured) if m.pays]
     final = outcome.model
     if args.fine_tune and args.max_accuracy_drop is None and rate > 0:
         from .finetune import train
@@ -157,6 +165,9 @@ def _apply_policy(args: argparse.Namespace, model, profile) -> tuple[dict | floa
     """``(node pruning rates, whether to weight-prune)`` from the flags or the target's rules."""
     if args.policy == "none":
         return args.nodes, True
+    if args.policy == "measured" and profile.name != "x86":
+        raise ScalpelError("the measured policy times kernels on this machine: use --target x86 "
+                           "(measuring over TVM RPC is not built yet)")
     from .policy import plan_layers
 
     plans = plan_layers(model, profile)
@@ -345,10 +356,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes-criterion", choices=["masks", "l1", "l2"], default=None,
                    help="masks: trained mask layers (needs data; the default with --data); "
                         "l1/l2: weight norms (the default without)")
-    p.add_argument("--policy", choices=["none", "rules"], default="none",
+    p.add_argument("--policy", choices=["none", "rules", "measured"], default="none",
                    help="rules: the paper's hardware-aware choice per layer for --target (weights "
                         "for FC and CONV on microcontrollers, FC weights + CONV nodes on CPUs, "
-                        "nodes only on GPUs); none: do what --rate / --nodes say (default)")
+                        "nodes only on GPUs); measured: the rules, then weight pruning is kept "
+                        "only on layers where it measures faster here; none: do what --rate / "
+                        "--nodes say (default)")
     p.add_argument("--mask-epochs", type=_positive, default=3, help="epochs of mask-layer training")
     p.add_argument("--fine-tune", type=_non_negative, default=0, metavar="EPOCHS",
                    help="fine-tune after pruning, pruned weights kept at zero (needs data)")

@@ -62,3 +62,37 @@ def plan_layers(model: onnx.ModelProto, profile: TargetProfile) -> list[LayerPla
             method, note = "none", "SIMD-aware CONV weight pruning is not built yet: left dense"
         plans.append(LayerPlan(name, kind, method, note))
     return plans
+
+
+@dataclass(frozen=True)
+class MeasuredLayer:
+    name: str
+    dense_us: float
+    sparse_us: float
+
+    @property
+    def pays(self) -> bool:
+        return self.sparse_us < self.dense_us
+
+
+def keep_where_sparse_pays(outcome, profile: TargetProfile, time_fn=None) -> list[MeasuredLayer]:
+    """The measured mode of the policy: time each weight-pruned layer's grouped-sparse kernel
+    against our dense kernel on this machine, and give back its dense weights (in
+    ``outcome.model``) wherever sparse does not pay. The paper found sparse FC layers breaking
+    even only near 84% pruning on its CPU, and sparse CONV layers hardly ever."""
+    from .format import GroupedSparseMatrix
+    from .onnx_io import replace_weights
+    from .tuning import time_layer
+
+    time_fn = time_fn or (lambda w: time_layer(profile, w))
+    results, undo = [], []
+    for layer in outcome.layers:
+        dense = time_fn(layer.original)
+        sparse = time_fn(GroupedSparseMatrix.from_dense(layer.pruned, layer.group_width))
+        name = outcome.initializer_names.get(layer.index, layer.name)
+        results.append(MeasuredLayer(name, dense * 1e6, sparse * 1e6))
+        if not results[-1].pays:
+            undo.append((layer.pruned, layer.original))
+    if undo:
+        replace_weights(outcome.model, undo)
+    return results

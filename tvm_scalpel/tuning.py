@@ -143,9 +143,6 @@ class TuningDatabase:
 def measure(task: Task, candidate: Candidate, profile: TargetProfile, seed: int = 0,
             min_repeat_ms: int = 20) -> float:
     """Seconds per call of the grouped-sparse kernel for ``task`` built as ``candidate``."""
-    import tvm
-
-    from . import schedules
     from .format import GroupedSparseMatrix
     from .schedules import CpuKnobs
 
@@ -153,17 +150,34 @@ def measure(task: Task, candidate: Candidate, profile: TargetProfile, seed: int 
     w = rng.standard_normal((task.n, task.k)).astype(np.float32)
     m = GroupedSparseMatrix.from_dense(prune_groups(w, candidate.group_width, task.rate).weight,
                                        candidate.group_width)
-    packed = schedules.pack_grouped_sparse(m)
     knobs = CpuKnobs(unroll=candidate.unroll, batch_tile=candidate.batch_tile,
                      parallel_gemv=candidate.parallel, parallel_gemm=candidate.parallel)
-    spec = schedules.layer_spec(profile, task.n, task.k, True, m.group_width, m.n_groups, knobs)
+    return time_layer(profile, m, task.batch, knobs, seed, min_repeat_ms)
+
+
+def time_layer(profile: TargetProfile, weight, batch: int = 1, knobs=None, seed: int = 0,
+               min_repeat_ms: int = 20) -> float:
+    """Seconds per call of our kernel for one layer on this machine: the grouped-sparse kernel
+    for a ``GroupedSparseMatrix``, the dense kernel for a numpy ``W[N, K]``."""
+    import tvm
+
+    from . import schedules
+    from .format import GroupedSparseMatrix
+
+    if isinstance(weight, GroupedSparseMatrix):
+        (n, k), packed = weight.shape, schedules.pack_grouped_sparse(weight)
+        spec = schedules.layer_spec(profile, n, k, True, weight.group_width, weight.n_groups, knobs)
+        operands = [packed.values, packed.offsets, packed.indptr]
+    else:
+        n, k = weight.shape
+        spec = schedules.layer_spec(profile, n, k, True, knobs=knobs)
+        operands = [np.ascontiguousarray(weight, dtype=np.float32)]
     func = schedules.kernel(profile, [spec]).with_attr("global_symbol", "main")
     exe = tvm.compile(tvm.IRModule({"main": func}), target=profile.target)
     dev = tvm.cpu()
-    x = rng.standard_normal((task.batch, task.k)).astype(np.float32)
+    x = np.random.default_rng(seed).standard_normal((batch, k)).astype(np.float32)
     args = [tvm.runtime.tensor(a, dev) for a in
-            (x, packed.values, packed.offsets, packed.indptr, np.zeros(task.n, np.float32),
-             np.zeros((task.batch, task.n), np.float32))]
+            [x, *operands, np.zeros(n, np.float32), np.zeros((batch, n), np.float32)]]
     timer = exe.mod.time_evaluator("main", dev, number=10, repeat=5, min_repeat_ms=min_repeat_ms)
     return float(np.median(timer(*args).results))
 
