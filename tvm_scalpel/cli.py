@@ -205,8 +205,18 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     profile = resolve_target(args.target)
     if profile.kind != "llvm":
-        raise ScalpelError(f"tuning measures on this machine: target {profile.name} cannot run here "
-                           "(measuring on other machines over TVM RPC is not built yet)")
+        raise ScalpelError(f"tuning measures our CPU kernels: target {profile.name} has none yet")
+    if profile.name != "x86" and args.rpc is None:
+        raise ScalpelError(f"target {profile.name} cannot run here: measure on it with --rpc")
+    measure_fn = None
+    if args.rpc is not None:
+        from functools import partial
+
+        from .remote import connect
+        from .tuning import measure
+
+        connect(args.rpc).cpu()  # a server that is down is an error before any work
+        measure_fn = partial(measure, rpc=args.rpc)
     shapes = dense_layer_shapes(_load_model(args.model))
     if not shapes:
         raise ScalpelError(f"{args.model}: no dense layer to tune")
@@ -216,7 +226,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     with tqdm(total=len(tasks) * args.trials, desc="tune", unit="trial", disable=args.quiet,
               leave=False) as bar:
         for (name, _), task in zip(shapes, tasks):
-            best, secs, new = tune_task(task, profile, db, args.trials, progress=bar)
+            kwargs = {"measure_fn": measure_fn} if measure_fn else {}
+            best, secs, new = tune_task(task, profile, db, args.trials, progress=bar, **kwargs)
             bar.update(args.trials - new)
             total_new += new
             rows.append([name, f"{task.n}x{task.k}", best.group_width, best.unroll,
@@ -286,8 +297,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ScalpelError(f"{path}: not a .npy array") from None
     if not isinstance(x, np.ndarray) or x.dtype != np.float32:
         raise ScalpelError(f"{path}: expected a float32 array, got {getattr(x, 'dtype', type(x).__name__)}")
-    vm = load_library(args.model)
-    y = run_library(vm, x)
+    if args.rpc is not None:
+        from .remote import run_remote
+
+        if not Path(args.model).is_file():
+            raise ScalpelError(f"{args.model}: no such file")
+        y = run_remote(args.rpc, args.model, x)
+    else:
+        y = run_library(load_library(args.model), x)
     with atomic_output(args.output) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, y)
@@ -378,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--batch", type=_positive, default=1, help="batch size tuned for")
     u.add_argument("--trials", type=_positive, default=16,
                    help="candidates known per layer at the end (database records count)")
+    u.add_argument("--rpc", default=None, metavar="ADDRESS",
+                   help="measure on an RPC server: HOST:PORT, or tracker://HOST:PORT/KEY")
     u.add_argument("--quiet", action="store_true", help="no progress bar")
     u.set_defaults(func=cmd_tune)
 
@@ -401,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("model", help="library written by 'tvm-scalpel compile'")
     r.add_argument("--input", required=True, help="input array (.npy, float32)")
     r.add_argument("-o", "--output", required=True, help="output array to write (.npy)")
+    r.add_argument("--rpc", default=None, metavar="ADDRESS",
+                   help="run on an RPC server: HOST:PORT, or tracker://HOST:PORT/KEY")
     r.set_defaults(func=cmd_run)
     return parser
 

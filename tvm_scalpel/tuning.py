@@ -141,7 +141,7 @@ class TuningDatabase:
 
 
 def measure(task: Task, candidate: Candidate, profile: TargetProfile, seed: int = 0,
-            min_repeat_ms: int = 20) -> float:
+            min_repeat_ms: int = 20, rpc: str | None = None) -> float:
     """Seconds per call of the grouped-sparse kernel for ``task`` built as ``candidate``."""
     from .format import GroupedSparseMatrix
     from .schedules import CpuKnobs
@@ -152,13 +152,13 @@ def measure(task: Task, candidate: Candidate, profile: TargetProfile, seed: int 
                                        candidate.group_width)
     knobs = CpuKnobs(unroll=candidate.unroll, batch_tile=candidate.batch_tile,
                      parallel_gemv=candidate.parallel, parallel_gemm=candidate.parallel)
-    return time_layer(profile, m, task.batch, knobs, seed, min_repeat_ms)
+    return time_layer(profile, m, task.batch, knobs, seed, min_repeat_ms, rpc)
 
 
 def time_layer(profile: TargetProfile, weight, batch: int = 1, knobs=None, seed: int = 0,
-               min_repeat_ms: int = 20) -> float:
-    """Seconds per call of our kernel for one layer on this machine: the grouped-sparse kernel
-    for a ``GroupedSparseMatrix``, the dense kernel for a numpy ``W[N, K]``."""
+               min_repeat_ms: int = 20, rpc: str | None = None) -> float:
+    """Seconds per call of our kernel for one layer, here or on the RPC server ``rpc``: the
+    grouped-sparse kernel for a ``GroupedSparseMatrix``, the dense kernel for ``W[N, K]``."""
     import tvm
 
     from . import schedules
@@ -174,10 +174,15 @@ def time_layer(profile: TargetProfile, weight, batch: int = 1, knobs=None, seed:
         operands = [np.ascontiguousarray(weight, dtype=np.float32)]
     func = schedules.kernel(profile, [spec]).with_attr("global_symbol", "main")
     exe = tvm.compile(tvm.IRModule({"main": func}), target=profile.target)
-    dev = tvm.cpu()
     x = np.random.default_rng(seed).standard_normal((batch, k)).astype(np.float32)
-    args = [tvm.runtime.tensor(a, dev) for a in
-            [x, *operands, np.zeros(n, np.float32), np.zeros((batch, n), np.float32)]]
+    arrays = [x, *operands, np.zeros(n, np.float32), np.zeros((batch, n), np.float32)]
+    if rpc is not None:
+        from .api import cross_linker
+        from .remote import time_remote
+
+        return time_remote(rpc, exe, arrays, cross_linker(profile), min_repeat_ms)
+    dev = tvm.cpu()
+    args = [tvm.runtime.tensor(a, dev) for a in arrays]
     timer = exe.mod.time_evaluator("main", dev, number=10, repeat=5, min_repeat_ms=min_repeat_ms)
     return float(np.median(timer(*args).results))
 
