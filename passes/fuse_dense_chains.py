@@ -60,6 +60,8 @@ class FuseDenseChains:
         self.profile = resolve_target(target)
 
     def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        if self.profile.kind != "llvm":  # chained kernels are CPU kernels
+            return mod
         rewriter = _ChainRewriter(mod)
         changed = False
         for gv, func in mod.functions_items():

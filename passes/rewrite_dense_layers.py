@@ -78,7 +78,9 @@ class _Lowering:
         sparse = GroupedSparseMatrix.from_dense(w, g) if density < 1.0 else None
         speedup = estimated_speedup(sparse, self.profile.simd_width) if sparse else 0.0
         go_sparse = sparse is not None and (
-            self.mode == "sparse" or (self.mode == "auto" and speedup > 1.0)
+            self.mode == "sparse"
+            # on GPUs sparse weights hardly ever pay (the paper prunes nodes there)
+            or (self.mode == "auto" and speedup > 1.0 and schedules.supports_dense(self.profile))
         )
         decision = LayerDecision(
             index=layer.index,
@@ -182,7 +184,10 @@ class RewriteDenseLayers:
             rewriter.plan = {}
             for layer in find_dense_layers(func):
                 decision, sparse = lowering.decide(layer)
-                rewriter.plan[layer.output] = (layer, sparse)
+                if sparse is None and not schedules.supports_dense(self.profile):
+                    decision.kernel = f"dense (TVM's {self.profile.kind} pipeline)"
+                else:
+                    rewriter.plan[layer.output] = (layer, sparse)
                 if self.report is not None:
                     self.report.append(decision)
                 log.info("layer %s %s -> %s (g=%d, density %.3f)", decision.name,

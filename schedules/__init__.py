@@ -1,4 +1,4 @@
-"""Kernels for dense layers, one file a target: ``x86.py`` (any LLVM CPU) for now.
+"""Kernels for dense layers, one file a target: ``x86.py`` (any LLVM CPU), ``cuda.py``.
 
 Entry points: :func:`layer_spec` describes a layer with the target's default knobs;
 :func:`kernel` returns the TensorIR ``PrimFunc`` for one layer or a chain of layers run back to
@@ -25,6 +25,7 @@ __all__ = [
     "grouped_sparse_dense",
     "dense",
     "supports",
+    "supports_dense",
 ]
 
 # Multiply-adds per call above which spreading rows over threads beats the fork/join cost of
@@ -34,6 +35,11 @@ PARALLEL_MIN_MACS = 200_000
 
 
 def supports(profile: TargetProfile) -> bool:
+    return profile.kind in ("llvm", "cuda")
+
+
+def supports_dense(profile: TargetProfile) -> bool:
+    """Whether we schedule dense layers too (on GPUs, TVM's dlight rules do)."""
     return profile.kind == "llvm"
 
 
@@ -44,6 +50,8 @@ def _require(profile: TargetProfile) -> None:
 
 def default_knobs(profile: TargetProfile, macs_per_row: int) -> CpuKnobs:
     _require(profile)
+    if profile.kind == "cuda":
+        return CpuKnobs()  # the CUDA kernel has no knobs yet
     tile = 8
     return CpuKnobs(
         unroll=2,
@@ -69,8 +77,15 @@ def layer_spec(
 
 
 def kernel(profile: TargetProfile, specs: list[LayerSpec]) -> tirx.PrimFunc:
-    """One function computing the layers back to back: parameters ``x, *operands, y``."""
+    """One function computing the layers back to back: parameters ``x, *operands, y``
+    (on CUDA: one grouped-sparse layer)."""
     _require(profile)
+    if profile.kind == "cuda":
+        from . import cuda
+
+        if len(specs) != 1:
+            raise ScalpelError("the CUDA kernels take one layer at a time")
+        return cuda.grouped_sparse_dense_kernel(specs[0])
     from . import x86
 
     return x86.chain_kernel(specs)
