@@ -76,6 +76,16 @@ def _print_accuracy(label: str, value: float | None) -> None:
         print(f"test accuracy {label}: {value * 100:.2f}%")
 
 
+def _print_accuracies(data, before: float | None, model, label: str) -> None:
+    """Accuracy of the input and of the model written, when there is data."""
+    if data is None:
+        return
+    from .finetune import accuracy
+
+    _print_accuracy("before pruning", before)
+    _print_accuracy(label, accuracy(model, data))
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     from .api import prune_onnx
     from .onnx_io import save_onnx
@@ -107,11 +117,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     g = profile.simd_width if args.group_width in (None, "auto") else args.group_width
     if not weights:
         save_onnx(model, args.output)
-        if data is not None:
-            from .finetune import accuracy
-
-            _print_accuracy("before pruning", acc_in)
-            _print_accuracy("after pruning", accuracy(model, data))
+        _print_accuracies(data, acc_in, model, "after pruning")
         print(f"wrote {args.output} (target {profile.name}: node pruning only)")
         return 0
     if args.max_accuracy_drop is not None:
@@ -141,22 +147,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
                            [[m.name, f"{m.dense_us:.2f}", f"{m.sparse_us:.2f}",
                              "kept" if m.pays else "undone: dense is faster"] for m in measured]))
         outcome.layers = [layer for layer, m in zip(outcome.layers, measured) if m.pays]
+    elif not outcome.layers:
+        log.warning("no dense layer with a constant weight found: weights left as they are")
     final = outcome.model
     if args.fine_tune and args.max_accuracy_drop is None and rate > 0:
         from .finetune import train
 
         final, _ = train(final, data, _settings(args, args.fine_tune), keep_zeros=True,
                          desc="fine-tune")
-    if not outcome.layers:
-        log.warning("no dense layer with a constant weight found: weights left as they are")
     save_onnx(final, args.output)
     _print_layer_table(outcome)
-    if data is not None:
-        from .finetune import accuracy
-
-        _print_accuracy("before pruning", acc_in)
-        _print_accuracy("after pruning" + (" and fine-tuning" if args.fine_tune else ""),
-                        accuracy(final, data))
+    _print_accuracies(data, acc_in, final, "after pruning" + (" and fine-tuning" if args.fine_tune else ""))
     print(f"wrote {args.output} (target {profile.name}, importance {args.importance})")
     return 0
 
