@@ -224,7 +224,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     db = TuningDatabase(args.db)
     tasks = [Task(n, k, args.rate, args.batch) for _, (n, k) in shapes]
     rows, total_new = [], 0
-    with tqdm(total=len(tasks) * args.trials, desc="tune", unit="trial", disable=args.quiet,
+    with tqdm(total=len(tasks) * args.trials, desc="tune", unit="trial", disable=True if args.quiet else None,
               leave=False) as bar:
         for (name, _), task in zip(shapes, tasks):
             kwargs = {"measure_fn": measure_fn} if measure_fn else {}

@@ -271,7 +271,9 @@ class Trainer:
         if n < batch_size:
             raise ScalpelError(f"{data.name}: {n} training samples, fewer than one batch of {batch_size}")
         steps = n // batch_size
-        bar = tqdm(total=epochs * steps, desc=desc, disable=not progress, unit="step", leave=False)
+        # disable=None: no bar when the output is not a terminal (CI logs, pipes)
+        bar = tqdm(total=epochs * steps, desc=desc, disable=None if progress else True, unit="step",
+                   leave=False)
         for epoch in range(epochs):
             order = rng.permutation(n)
             losses = []
