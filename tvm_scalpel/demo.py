@@ -149,7 +149,7 @@ def _plot(rows: list[Row], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_t, ax_b, ax_a) = plt.subplots(1, 3, figsize=(14, 3.6))
-    names = [r.variant.split(",")[0] for r in rows]
+    names = [r.variant.split(", rate")[0] for r in rows]
     colors = ["#888888", "#4c72b0", "#dd8452", "#55a868"][: len(rows)]
     ax_t.barh(names, [r.latency_us for r in rows], color=colors)
     ax_t.set_xlabel("batch-1 latency (us, lower is better)")
