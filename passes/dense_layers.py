@@ -84,6 +84,17 @@ def var_bindings(func: relax.Function):
     return [b for block in body.blocks for b in block.bindings if isinstance(b, relax.VarBinding)]
 
 
+def readers_of(bindings) -> dict[relax.Var, relax.Var]:
+    """var -> the (last seen) binding whose call reads it."""
+    readers: dict[relax.Var, relax.Var] = {}
+    for b in bindings:
+        if isinstance(b.value, relax.Call):
+            for arg in b.value.args:
+                if isinstance(arg, relax.Var):
+                    readers[arg] = b.var
+    return readers
+
+
 def _weight_of(matmul: relax.Call, values: dict) -> tuple[np.ndarray, ir.expr.GenericConst, bool] | None:
     """``(W[N, K], constant, transposed)`` when the matmul's right operand is a constant."""
     rhs = matmul.args[1]
@@ -110,12 +121,7 @@ def find_dense_layers(func: relax.Function, warn: bool = True) -> list[DenseLaye
     uses = counter.uses
     bindings = var_bindings(func)
     values = {b.var: b.value for b in bindings}
-    readers: dict[relax.Var, relax.Var] = {}  # var -> the (last seen) binding that reads it
-    for b in bindings:
-        if isinstance(b.value, relax.Call):
-            for arg in b.value.args:
-                if isinstance(arg, relax.Var):
-                    readers[arg] = b.var
+    readers = readers_of(bindings)
 
     layers: list[DenseLayer] = []
     for b in bindings:

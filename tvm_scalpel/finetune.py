@@ -83,13 +83,23 @@ def prune_and_fine_tune(model: onnx.ModelProto, data: Dataset, rate: float, grou
     steps = []
     current = model
     for r in [s for s in schedule if s < rate] + [rate]:
-        last = None if last_layer_rate is None else min(r, last_layer_rate)
-        pruned = prune_onnx(current, r, target, group_width, importance, last).model
-        before = accuracy(pruned, data)
-        current, _ = train(pruned, data, settings, keep_zeros=True, desc=f"fine-tune {r:.2f}")
-        steps.append(PruneStep(r, before, accuracy(current, data)))
-        log.info("rate %.3f: accuracy %.4f before fine-tuning, %.4f after", r, before, steps[-1].accuracy)
+        current, step = _prune_step(current, data, r, group_width, settings, target, importance,
+                                    last_layer_rate)
+        steps.append(step)
     return WeightPruneResult(current, rate, steps[-1].accuracy, steps)
+
+
+def _prune_step(model: onnx.ModelProto, data: Dataset, rate: float, group_width: int,
+                settings: TrainSettings, target, importance: str,
+                last_layer_rate: float | None) -> tuple[onnx.ModelProto, PruneStep]:
+    """Prune ``model`` to ``rate`` and fine-tune it with the zeros kept."""
+    last = None if last_layer_rate is None else min(rate, last_layer_rate)
+    pruned = prune_onnx(model, rate, target, group_width, importance, last).model
+    before = accuracy(pruned, data)
+    tuned, _ = train(pruned, data, settings, keep_zeros=True, desc=f"fine-tune {rate:.2f}")
+    step = PruneStep(rate, before, accuracy(tuned, data))
+    log.info("rate %.3f: accuracy %.4f before fine-tuning, %.4f after", rate, before, step.accuracy)
+    return tuned, step
 
 
 def search_max_rate(model: onnx.ModelProto, data: Dataset, max_drop_points: float,
@@ -108,16 +118,12 @@ def search_max_rate(model: onnx.ModelProto, data: Dataset, max_drop_points: floa
     tried = []
     current = model
     for r in rates:
-        last = None if last_layer_rate is None else min(r, last_layer_rate)
-        pruned = prune_onnx(current, r, target, group_width, importance, last).model
-        before = accuracy(pruned, data)
-        tuned, _ = train(pruned, data, settings, keep_zeros=True, desc=f"fine-tune {r:.2f}")
-        acc = accuracy(tuned, data)
-        tried.append(PruneStep(r, before, acc))
-        log.info("rate %.3f: %.4f (dense %.4f)", r, acc, base)
-        if (base - acc) * 100 > max_drop_points:
+        tuned, step = _prune_step(current, data, r, group_width, settings, target, importance,
+                                  last_layer_rate)
+        tried.append(step)
+        if (base - step.accuracy) * 100 > max_drop_points:
             break
-        best = WeightPruneResult(tuned, r, acc, list(tried))
+        best = WeightPruneResult(tuned, r, step.accuracy, list(tried))
         current = tuned
     return best, base, tried
 

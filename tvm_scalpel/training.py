@@ -30,7 +30,7 @@ from tvm import relax
 
 from .data import Dataset
 from .errors import ScalpelError
-from .passes.dense_layers import op_name, var_bindings
+from .passes.dense_layers import op_name, readers_of, var_bindings
 from .targets import resolve_target
 
 log = logging.getLogger("tvm_scalpel.training")
@@ -145,12 +145,7 @@ class Trainer:
         bindings = var_bindings(main)
         values = {b.var: b.value for b in bindings}
         params = set(main.params[n_in:])
-        readers = {}
-        for b in bindings:
-            if isinstance(b.value, relax.Call):
-                for a in b.value.args:
-                    if isinstance(a, relax.Var):
-                        readers[a] = b.var
+        readers = readers_of(bindings)
 
         def weight_param(e):
             while isinstance(e, relax.Var) and op_name(values.get(e)) == "relax.permute_dims":

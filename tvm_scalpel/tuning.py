@@ -53,6 +53,13 @@ class Candidate:
     batch_tile: int
     parallel: bool
 
+    def knobs(self):
+        """The kernel knobs this candidate stands for."""
+        from .schedules import CpuKnobs
+
+        return CpuKnobs(unroll=self.unroll, batch_tile=self.batch_tile,
+                        parallel_gemv=self.parallel, parallel_gemm=self.parallel)
+
     def features(self, task: Task) -> list[float]:
         density = 1.0 - task.rate
         return [math.log2(self.group_width), self.unroll, self.batch_tile, float(self.parallel),
@@ -115,8 +122,6 @@ class TuningDatabase:
         """The fastest measured kernel knobs for a ``[n, k]`` layer pruned with ``group_width``
         at about ``rate`` (the rate a compiled model's zeros show is not exactly the asked one),
         as ``CpuKnobs``; None if the database has no such record."""
-        from .schedules import CpuKnobs
-
         best = None
         for key, records in self.records.items():
             target, kn, kk, krate, kbatch = json.loads(key)
@@ -126,11 +131,7 @@ class TuningDatabase:
                 cand = Candidate(**r["candidate"])
                 if cand.group_width == group_width and (best is None or r["seconds"] < best[1]):
                     best = (cand, r["seconds"])
-        if best is None:
-            return None
-        c = best[0]
-        return CpuKnobs(unroll=c.unroll, batch_tile=c.batch_tile, parallel_gemv=c.parallel,
-                        parallel_gemm=c.parallel)
+        return None if best is None else best[0].knobs()
 
     def best(self, task: Task, profile: TargetProfile) -> tuple[Candidate, float] | None:
         known = self.lookup(task, profile)
@@ -144,15 +145,12 @@ def measure(task: Task, candidate: Candidate, profile: TargetProfile, seed: int 
             min_repeat_ms: int = 20, rpc: str | None = None) -> float:
     """Seconds per call of the grouped-sparse kernel for ``task`` built as ``candidate``."""
     from .format import GroupedSparseMatrix
-    from .schedules import CpuKnobs
 
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((task.n, task.k)).astype(np.float32)
     m = GroupedSparseMatrix.from_dense(prune_groups(w, candidate.group_width, task.rate).weight,
                                        candidate.group_width)
-    knobs = CpuKnobs(unroll=candidate.unroll, batch_tile=candidate.batch_tile,
-                     parallel_gemv=candidate.parallel, parallel_gemm=candidate.parallel)
-    return time_layer(profile, m, task.batch, knobs, seed, min_repeat_ms, rpc)
+    return time_layer(profile, m, task.batch, candidate.knobs(), seed, min_repeat_ms, rpc)
 
 
 def time_layer(profile: TargetProfile, weight, batch: int = 1, knobs=None, seed: int = 0,
