@@ -1,7 +1,8 @@
 """Relax passes of tvm-scalpel, composable in ``tvm.transform.Sequential``.
 
-* ``PruneWeightGroups``: SIMD-aware weight pruning of dense layers' constant weights.
+* ``PruneWeightGroups``: SIMD-aware weight pruning of dense (or conv) layers' constant weights.
 * ``RewriteDenseLayers``: dense layers -> grouped-sparse or dense scheduled kernels.
+* ``RewriteConvLayers``: conv layers -> im2col + the same kernels (CONV weight pruning pays).
 * ``FuseDenseChains``: back-to-back kernel calls -> one chained kernel call.
 * ``RemoveMaskedNodes``: node pruning: neurons / feature maps closed by a 0/1 mask layer are
   removed from producer and consumer weights; the model stays dense, just smaller.
@@ -9,14 +10,19 @@
   ``tvm.compile``.
 """
 
+from .conv_layers import ConvLayer, find_conv_layers
 from .dense_layers import DenseLayer, find_dense_layers
 from .fuse_dense_chains import FuseDenseChains
 from .pipeline import scalpel_pipeline
 from .prune_weights import PrunedLayer, PruneWeightGroups
 from .remove_masked_nodes import MaskedLayer, RemoveMaskedNodes
+from .rewrite_conv_layers import RewriteConvLayers
 from .rewrite_dense_layers import LayerDecision, RewriteDenseLayers
 
 __all__ = [
+    "ConvLayer",
+    "find_conv_layers",
+    "RewriteConvLayers",
     "DenseLayer",
     "find_dense_layers",
     "FuseDenseChains",

@@ -142,7 +142,7 @@ def find_dense_layers(func: relax.Function, warn: bool = True) -> list[DenseLaye
                 )
             continue
         layer = DenseLayer(len(layers), data, weight, const, transposed, b.var, b.var)
-        _absorb_epilogue(layer, values, readers, uses)
+        absorb_epilogue(layer, values, readers, uses)
         layers.append(layer)
     return layers
 
@@ -157,14 +157,18 @@ def _bias_vector(bias: np.ndarray | None, n: int) -> np.ndarray | None:
     return np.ascontiguousarray(np.broadcast_to(bias.reshape(-1), (n,)), dtype=np.float32)
 
 
-def _absorb_epilogue(layer: DenseLayer, values: dict, readers: dict, uses: dict) -> None:
-    """Extend the layer over a following bias ``add`` and ``relu`` read by nobody else."""
+def absorb_epilogue(layer, values: dict, readers: dict, uses: dict, bias_of=None) -> None:
+    """Extend the layer over a following bias ``add`` and ``relu`` read by nobody else.
+
+    ``bias_of(expr)`` gives the N bias values an added operand stands for, or None (default:
+    a constant that broadcasts over ``[B, N]`` as a vector of N)."""
     n = layer.shape[0]
+    bias_of = bias_of or (lambda expr: _bias_vector(const_array(expr), n))
     nxt = readers.get(layer.output)
     if nxt is not None and uses.get(layer.output) == 1 and op_name(values[nxt]) == "relax.add":
         lhs, rhs = values[nxt].args
         other = rhs if lhs.same_as(layer.output) else lhs
-        bias = _bias_vector(const_array(other), n)
+        bias = bias_of(other)
         if bias is not None:
             layer.bias = bias
             layer.fused.append(layer.output)

@@ -9,6 +9,7 @@ from tvm_scalpel.targets import resolve_target
 
 from .fuse_dense_chains import FuseDenseChains
 from .prune_weights import PruneWeightGroups
+from .rewrite_conv_layers import RewriteConvLayers
 from .rewrite_dense_layers import RewriteDenseLayers
 
 
@@ -19,7 +20,7 @@ def scalpel_pipeline(
     importance: str = "rms",
     mode: str = "auto",
 ) -> tvm.transform.Pass:
-    """Prune (when ``rate`` is given), rewrite dense layers to our kernels, fuse chains of them,
+    """Prune (when ``rate`` is given), rewrite conv and dense layers to our kernels, fuse chains,
     then TVM's default Relax pipeline for the target.
 
     ``group_width`` defaults to the target's fp32 SIMD width.
@@ -29,6 +30,7 @@ def scalpel_pipeline(
     passes: list[tvm.transform.Pass] = []
     if rate is not None:
         passes.append(PruneWeightGroups(rate, group_width or profile.simd_width, importance))
+    passes.append(RewriteConvLayers(profile, mode=mode))
     passes.append(RewriteDenseLayers(profile, mode=mode))
     passes.append(FuseDenseChains(profile))
     passes.append(relax.get_default_pipeline(profile.target))

@@ -14,6 +14,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 from tvm_scalpel.format import GroupedSparseMatrix
 from tvm_scalpel.pruning import prune_groups
 
+from .conv_layers import find_conv_layers
 from .dense_layers import find_dense_layers
 
 log = logging.getLogger("tvm_scalpel.passes")
@@ -23,9 +24,9 @@ log = logging.getLogger("tvm_scalpel.passes")
 class PrunedLayer:
     """What ``PruneWeightGroups`` did to one layer (for size tables and ONNX write-back)."""
 
-    index: int
+    index: int  # position among the function's layers of its kind
     name: str
-    shape: tuple[int, int]  # (N outputs, K inputs)
+    shape: tuple[int, int]  # (N outputs, K inputs); a conv layer's unfolded (O, C*KH*KW)
     group_width: int
     rate: float  # achieved fraction of weights removed
     threshold: float  # importance of the strongest removed group
@@ -33,6 +34,16 @@ class PrunedLayer:
     sparse_bytes: int  # grouped-sparse storage: values + group indices + row pointer
     original: np.ndarray  # W[N, K] before
     pruned: np.ndarray  # W[N, K] after
+    kind: str = "fc"  # "fc" or "conv"
+    rows: int = 1  # kernel input rows per image: 1, or a conv layer's OH*OW patches
+
+
+def _rows_per_image(layer) -> int:
+    if not hasattr(layer, "output_size"):
+        return 1
+    _, _, height, width = layer.data.ty.shape.values
+    oh, ow = layer.output_size(int(height), int(width))
+    return oh * ow
 
 
 @mutator
@@ -47,9 +58,11 @@ class _ConstantReplacer(PyExprMutator):
 
 @tvm.transform.module_pass(opt_level=0, name="PruneWeightGroups")
 class PruneWeightGroups:
-    """Zero whole groups of g consecutive input weights in every dense layer's constant weight.
+    """Zero whole groups of g consecutive input weights in every dense (or conv) layer's weight.
 
-    Rewrites each dense layer (see ``dense_layers``) of every Relax function: the weight
+    Rewrites each dense layer (see ``dense_layers``) of every Relax function, or with
+    ``layers="conv"`` each conv layer (see ``conv_layers``: groups run along the unfolded
+    ``C*KH*KW`` patch axis, the axis the im2col kernels vectorize): the weight
     constant is replaced by one in which the least important groups (RMS, MAX or MEAN of a
     group) are zero, so that ``rate`` of the layer's weights are removed. Shapes, the graph and
     everything else stay as they were; ``RewriteDenseLayers`` turns the zeros into speed.
@@ -62,6 +75,7 @@ class PruneWeightGroups:
         widths) gives each layer its own, layers it does not name keep ``default_group_width``.
     importance: "rms" (default), "max" or "mean".
     report: when a list is given, one ``PrunedLayer`` per pruned layer is appended to it.
+    layers: "fc" (dense layers, the default) or "conv"; layer indices count that kind only.
     """
 
     def __init__(
@@ -71,7 +85,11 @@ class PruneWeightGroups:
         importance: str = "rms",
         report: list[PrunedLayer] | None = None,
         default_group_width: int = 16,
+        layers: str = "fc",
     ) -> None:
+        if layers not in ("fc", "conv"):
+            raise ValueError(f"layers must be 'fc' or 'conv', got {layers!r}")
+        self.layers = layers
         self.rate = rate
         self.group_width = group_width
         self.default_group_width = default_group_width
@@ -88,7 +106,8 @@ class PruneWeightGroups:
         for _, func in mod.functions_items():
             if not isinstance(func, relax.Function):
                 continue
-            for layer in find_dense_layers(func):
+            find = find_conv_layers if self.layers == "conv" else find_dense_layers
+            for layer in find(func):
                 rate = self._rate_for(layer.index)
                 if rate is None or layer.weight_const in replace:
                     continue
@@ -96,15 +115,19 @@ class PruneWeightGroups:
                      if isinstance(self.group_width, Mapping) else self.group_width)
                 g = min(g, layer.shape[1])
                 result = prune_groups(layer.weight, g, rate, self.importance)
-                stored = result.weight if layer.transposed else result.weight.T
+                if self.layers == "conv":
+                    stored = result.weight.reshape(layer.kernel.shape)
+                else:
+                    stored = result.weight if layer.transposed else result.weight.T
                 replace[layer.weight_const] = relax.const(np.ascontiguousarray(stored))
                 sparse = GroupedSparseMatrix.from_dense(result.weight, g)
-                log.info("pruned %s %s: g=%d rate=%.3f", layer.matmul.name, layer.shape, g, result.rate)
+                op_var = layer.conv if self.layers == "conv" else layer.matmul
+                log.info("pruned %s %s: g=%d rate=%.3f", op_var.name, layer.shape, g, result.rate)
                 if self.report is not None:
                     self.report.append(
                         PrunedLayer(
                             index=layer.index,
-                            name=str(layer.matmul.name),
+                            name=str(op_var.name),
                             shape=layer.shape,
                             group_width=g,
                             rate=result.rate,
@@ -113,6 +136,8 @@ class PruneWeightGroups:
                             sparse_bytes=sparse.nbytes,
                             original=layer.weight,
                             pruned=result.weight,
+                            kind=self.layers,
+                            rows=_rows_per_image(layer),
                         )
                     )
         if not replace:

@@ -42,6 +42,7 @@ class LayerDecision:
     estimated_speedup: float  # dense cost / sparse cost from the cost model
     bytes: int  # bytes of the weight operands the kernel reads
     weight: np.ndarray = field(default=None, repr=False)  # W[N, K] as compiled
+    kind: str = "fc"  # "fc" or "conv" (shape is then the unfolded (O, C*KH*KW))
 
 
 # Cost model, in vector-FMA slots per input row. A dense layer costs N*K/simd. A grouped-sparse
@@ -62,15 +63,15 @@ def estimated_speedup(sparse: GroupedSparseMatrix, simd_width: int) -> float:
     return dense_cost / sparse_cost
 
 
-class _Lowering:
-    """Builds the kernel call for one layer."""
+class KernelLowering:
+    """Chooses and builds the kernel call for one layer (dense, or a conv layer unfolded)."""
 
     def __init__(self, profile: TargetProfile, mode: Mode, knobs_for=None) -> None:
         self.profile = profile
         self.mode = mode
         self.knobs_for = knobs_for
 
-    def decide(self, layer: DenseLayer) -> tuple[LayerDecision, GroupedSparseMatrix | None]:
+    def decide(self, layer: DenseLayer, kind: str = "fc") -> tuple[LayerDecision, GroupedSparseMatrix | None]:
         n, k = layer.shape
         w = layer.weight
         density = float(np.count_nonzero(w)) / w.size
@@ -92,6 +93,7 @@ class _Lowering:
             estimated_speedup=speedup,
             bytes=sparse.nbytes if go_sparse else n * k * 4,
             weight=w,
+            kind=kind,
         )
         return decision, (sparse if go_sparse else None)
 
@@ -126,7 +128,7 @@ def tensor_batch(data: relax.Expr):
 
 @relax.expr_functor.mutator
 class _LayerRewriter(relax.expr_functor.PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, lowering: _Lowering) -> None:
+    def __init__(self, mod: tvm.IRModule, lowering: KernelLowering) -> None:
         super().__init__(mod)
         self.lowering = lowering
         self.plan: dict = {}  # output var -> (layer, sparse matrix or None)
@@ -176,7 +178,7 @@ class RewriteDenseLayers:
             log.warning("no dense-layer kernels for target kind %r: dense layers left to TVM",
                         self.profile.kind)
             return mod
-        lowering = _Lowering(self.profile, self.mode, self.knobs_for)
+        lowering = KernelLowering(self.profile, self.mode, self.knobs_for)
         rewriter = _LayerRewriter(mod, lowering)
         for gv, func in mod.functions_items():
             if not isinstance(func, relax.Function):

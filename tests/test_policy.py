@@ -22,8 +22,8 @@ def test_rules_per_parallelism_class():
     # GPU: node pruning only; the class-score layer has no next layer to shrink
     assert methods(lenet5, "cuda") == {"conv1.weight": "nodes", "conv2.weight": "nodes",
                                        "fc1.weight": "nodes", "fc2.weight": "none"}
-    # microcontroller: weights everywhere, CONV weight pruning not built yet -> left dense
-    assert methods(lenet5, "cortex-m4") == {"conv1.weight": "none", "conv2.weight": "none",
+    # microcontroller: SIMD-aware weight pruning everywhere, CONV included
+    assert methods(lenet5, "cortex-m4") == {"conv1.weight": "weights", "conv2.weight": "weights",
                                             "fc1.weight": "weights", "fc2.weight": "weights"}
     mlp = models.mlp([30, 20, 10, 4], seed=3)
     assert set(methods(mlp, "aarch64").values()) == {"weights"}
@@ -73,7 +73,8 @@ def test_measured_policy_undoes_pruning_where_dense_is_faster(tmp_path, rng):
     outcome = prune_onnx(model, 0.6, host, 8)
     first = outcome.layers[0].original
 
-    def fake_time(w):  # sparse pays on every layer but the first
+    def fake_time(w, rows):  # sparse pays on every layer but the first
+        assert rows == 1  # FC layers: one input row per image
         if isinstance(w, GroupedSparseMatrix):
             return 2.0 if np.array_equal(w.to_dense() != 0, outcome.layers[0].pruned != 0) else 0.5
         return 1.0

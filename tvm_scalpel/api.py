@@ -23,6 +23,7 @@ from .passes import (
     LayerDecision,
     PrunedLayer,
     PruneWeightGroups,
+    RewriteConvLayers,
     RewriteDenseLayers,
 )
 from .pruning import IMPORTANCES
@@ -34,8 +35,11 @@ log = logging.getLogger("tvm_scalpel")
 @dataclass
 class PruneOutcome:
     model: onnx.ModelProto  # standard ONNX, pruned weights are zeros
-    layers: list[PrunedLayer]
-    initializer_names: dict[int, str]  # layer index -> ONNX initializer it came from
+    layers: list[PrunedLayer]  # dense layers first, then conv layers
+    initializer_names: dict[int, str]  # position in ``layers`` -> ONNX initializer it came from
+
+    def weight_name(self, position: int) -> str:
+        return self.initializer_names.get(position, self.layers[position].name)
 
 
 def check_prune_args(rate: float, group_width: int | None, importance: str) -> None:
@@ -55,8 +59,11 @@ def prune_onnx(
     importance: str = "rms",
     last_layer_rate: float | None = None,
     tuning_db: str | os.PathLike | None = None,
+    conv_rate: float | None = None,
 ) -> PruneOutcome:
-    """SIMD-aware weight pruning of every dense layer (g defaults to the target's SIMD width).
+    """SIMD-aware weight pruning of every dense layer (g defaults to the target's SIMD width),
+    and of every conv layer at ``conv_rate`` when it is given (the paper's choice for
+    low-parallelism targets; groups run along the unfolded ``C*KH*KW`` patch axis).
 
     ``group_width="auto"`` takes each layer's g from the tuning database ``tuning_db`` (the
     fastest width measured by ``tvm-scalpel tune`` for that shape and rate on this target).
@@ -64,8 +71,9 @@ def prune_onnx(
     weights, and the most sensitive) at its own rate, as Han et al. do (74% there)."""
     auto = group_width == "auto"
     check_prune_args(rate, None if auto else group_width, importance)
-    if last_layer_rate is not None:
-        check_prune_args(last_layer_rate, None, importance)
+    for extra in (last_layer_rate, conv_rate):
+        if extra is not None:
+            check_prune_args(extra, None, importance)
     profile = resolve_target(target)
     mod = to_relax(model)
     layers = find_dense_layers(mod["main"], warn=False)
@@ -76,7 +84,11 @@ def prune_onnx(
     if auto:
         g = tuned_group_widths(layers, rates, profile, tuning_db)
     report: list[PrunedLayer] = []
-    PruneWeightGroups(rates, g, importance, report=report, default_group_width=profile.simd_width)(mod)
+    mod = PruneWeightGroups(rates, g, importance, report=report,
+                            default_group_width=profile.simd_width)(mod)
+    if conv_rate is not None:
+        conv_g = profile.simd_width if auto or group_width is None else group_width
+        PruneWeightGroups(conv_rate, conv_g, importance, report=report, layers="conv")(mod)
     pruned = onnx.ModelProto()
     pruned.CopyFrom(model)
     names = replace_weights(pruned, [(r.original, r.pruned) for r in report])
@@ -85,8 +97,9 @@ def prune_onnx(
         if i not in by_index:
             log.warning("layer %s %s: weight not found among the initializers, left dense",
                         layer.name, layer.shape)
-    kept = [r for i, r in enumerate(report) if i in by_index]
-    return PruneOutcome(pruned, kept, {r.index: by_index[i] for i, r in enumerate(report) if i in by_index})
+    kept = [i for i in range(len(report)) if i in by_index]
+    return PruneOutcome(pruned, [report[i] for i in kept],
+                        {position: by_index[i] for position, i in enumerate(kept)})
 
 
 def dense_layer_shapes(model: onnx.ModelProto) -> list[tuple[str, tuple[int, int]]]:
@@ -146,7 +159,8 @@ def build_relax(mod: tvm.IRModule, target=None, mode: str = "auto", fuse: bool =
             raise ScalpelError(f"{tuning_db}: no such tuning database")
         db = TuningDatabase(tuning_db)
         knobs_for = lambda n, k, g, rate: db.knobs_for(profile, n, k, g, rate)  # noqa: E731
-    passes = [RewriteDenseLayers(profile, mode=mode, report=report, knobs_for=knobs_for)]
+    passes = [RewriteConvLayers(profile, mode=mode, report=report, knobs_for=knobs_for),
+              RewriteDenseLayers(profile, mode=mode, report=report, knobs_for=knobs_for)]
     if fuse:
         passes.append(FuseDenseChains(profile))
     seq = tvm.transform.Sequential(passes + [default_pipeline])

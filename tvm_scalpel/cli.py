@@ -93,7 +93,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     profile = resolve_target(args.target)
     model = _load_model(args.model)
-    node_rates, weights = _apply_policy(args, model, profile)
+    node_rates, weights, conv_weights = _apply_policy(args, model, profile)
+    conv_rate = args.conv_rate if args.conv_rate is not None else (args.rate if conv_weights else None)
     criterion = args.nodes_criterion or ("masks" if args.data else "l1")
     wants_data = args.fine_tune or args.max_accuracy_drop is not None or (criterion == "masks" and node_rates)
     data = _load_data(args.data) if (wants_data or args.data) else None
@@ -115,7 +116,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         model = result.model
 
     g = profile.simd_width if args.group_width in (None, "auto") else args.group_width
-    if not weights:
+    if not weights and conv_rate is None:
         save_onnx(model, args.output)
         _print_accuracies(data, acc_in, model, "after pruning")
         print(f"wrote {args.output} (target {profile.name}: node pruning only)")
@@ -137,12 +138,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
     else:
         rate, model_to_prune = args.rate, model
     last = None if args.last_layer_rate is None else min(rate, args.last_layer_rate)
-    outcome = prune_onnx(model_to_prune, rate, profile, args.group_width, args.importance, last,
-                         tuning_db=args.db)
+    outcome = prune_onnx(model_to_prune, rate if weights else 0.0, profile, args.group_width,
+                         args.importance, last if weights else None, tuning_db=args.db,
+                         conv_rate=conv_rate)
+    if not weights:  # the FC layers went through at rate 0: they are not pruned layers
+        outcome.layers = [layer for layer in outcome.layers if layer.kind == "conv"]
     if args.policy == "measured":
         from .policy import keep_where_sparse_pays
 
-        measured = keep_where_sparse_pays(outcome, profile)
+        measured = keep_where_sparse_pays(outcome, profile, rpc=args.rpc)
         print(format_table(["layer", "dense us", "grouped-sparse us", "weight pruning"],
                            [[m.name, f"{m.dense_us:.2f}", f"{m.sparse_us:.2f}",
                              "kept" if m.pays else "undone: dense is faster"] for m in measured]))
@@ -162,13 +166,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _apply_policy(args: argparse.Namespace, model, profile) -> tuple[dict | float | None, bool]:
-    """``(node pruning rates, whether to weight-prune)`` from the flags or the target's rules."""
+def _apply_policy(args: argparse.Namespace, model, profile) -> tuple[dict | float | None, bool, bool]:
+    """``(node pruning rates, whether to weight-prune FC layers, and CONV layers)`` from the
+    flags or the target's rules."""
+    if args.rpc is not None and args.policy != "measured":
+        raise ScalpelError("--rpc measures layers for --policy measured; it means nothing without it")
     if args.policy == "none":
-        return args.nodes, True
-    if args.policy == "measured" and profile.name != "x86":
-        raise ScalpelError("the measured policy times kernels on this machine: use --target x86 "
-                           "(measuring over TVM RPC is not built yet)")
+        return args.nodes, True, False
+    if args.policy == "measured" and profile.name != "x86" and args.rpc is None:
+        raise ScalpelError(f"the measured policy times kernels on the target: give --rpc HOST:PORT "
+                           f"of a {profile.name} RPC server, or use --target x86 to measure here")
     from .policy import plan_layers
 
     plans = plan_layers(model, profile)
@@ -177,14 +184,15 @@ def _apply_policy(args: argparse.Namespace, model, profile) -> tuple[dict | floa
     print(f"policy for {profile.name} ({profile.parallelism} parallelism):")
     print(format_table(["layer", "kind", "pruning", "note"],
                        [[p.name, p.kind, p.method, p.note] for p in plans]))
-    return nodes or None, any(p.method == "weights" for p in plans)
+    weights = {kind: any(p.method == "weights" and p.kind == kind for p in plans) for kind in ("fc", "conv")}
+    return nodes or None, weights["fc"], weights["conv"]
 
 
 def _print_layer_table(outcome) -> None:
     rows = []
-    for layer in outcome.layers:
+    for position, layer in enumerate(outcome.layers):
         rows.append([
-            outcome.initializer_names.get(layer.index, layer.name),
+            outcome.weight_name(position),
             f"{layer.shape[0]}x{layer.shape[1]}",
             layer.group_width,
             f"{layer.rate:.3f}",
@@ -368,6 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=_rate, default=0.9, help="fraction of each layer's weights to remove")
     p.add_argument("--last-layer-rate", type=_rate, default=None,
                    help="rate for the last dense layer (the class scores); default: --rate")
+    p.add_argument("--conv-rate", type=_rate, default=None,
+                   help="also weight-prune CONV layers at this rate (with --policy rules, "
+                        "low-parallelism targets do so at --rate unless this says otherwise)")
+    p.add_argument("--rpc", default=None, metavar="ADDRESS",
+                   help="with --policy measured: measure on an RPC server of the target "
+                        "(HOST:PORT or tracker://HOST:PORT/KEY) instead of here")
     p.add_argument("--importance", choices=["rms", "max", "mean"], default="rms")
     p.add_argument("--nodes", type=_rate, default=None, metavar="RATE",
                    help="first remove this fraction of the neurons / feature maps of each layer")

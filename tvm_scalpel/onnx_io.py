@@ -51,9 +51,12 @@ def to_relax(model: onnx.ModelProto, source: str = "model"):
 
 
 def _float_matrices(model: onnx.ModelProto):
+    """Float initializers as matrices: 2-D ones as they are, conv kernels ``[O, C, KH, KW]``
+    unfolded to ``[O, C*KH*KW]`` (the matrix our passes prune)."""
     for init in model.graph.initializer:
-        if init.data_type == onnx.TensorProto.FLOAT and len(init.dims) == 2:
-            yield init, numpy_helper.to_array(init)
+        if init.data_type == onnx.TensorProto.FLOAT and len(init.dims) in (2, 4):
+            arr = numpy_helper.to_array(init)
+            yield init, arr.reshape(arr.shape[0], -1)
 
 
 def _orientation(arr: np.ndarray, w: np.ndarray) -> bool | None:
@@ -81,7 +84,8 @@ def initializer_names(model: onnx.ModelProto, weights: list[np.ndarray]) -> list
 
 def replace_weights(model: onnx.ModelProto, pairs: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, int]:
     """Swap initializers: each ``(original W[N, K], pruned W[N, K])`` pair replaces the
-    initializer holding ``original`` as ``[N, K]`` (Gemm transB=1) or ``[K, N]`` (MatMul, Gemm).
+    initializer holding ``original`` as ``[N, K]`` (Gemm transB=1), ``[K, N]`` (MatMul, Gemm)
+    or, for a conv layer, as the kernel ``[N, C, KH, KW]`` that unfolds to it.
     Returns ``{initializer name: index of the pair}``.
     """
     found: dict[str, int] = {}
@@ -90,7 +94,7 @@ def replace_weights(model: onnx.ModelProto, pairs: list[tuple[np.ndarray, np.nda
             transposed = None if i in found.values() else _orientation(arr, orig)
             if transposed is None:
                 continue
-            new = pruned.T if transposed else pruned
+            new = (pruned.T if transposed else pruned).reshape(tuple(init.dims))
             init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(new, np.float32), init.name))
             found[init.name] = i
             break

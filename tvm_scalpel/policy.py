@@ -45,8 +45,8 @@ def plan_layers(model: onnx.ModelProto, profile: TargetProfile) -> list[LayerPla
     """The rules' choice for every weight layer of ``model`` on ``profile``'s target.
 
     Node pruning needs a next layer to shrink, so the last layer (the class scores) takes
-    weight pruning where the rules allow it and nothing otherwise; SIMD-aware weight pruning of
-    CONV weights is not built yet: such layers are left dense, with a note.
+    weight pruning where the rules allow it and nothing otherwise. SIMD-aware weight pruning of
+    a CONV layer groups its unfolded ``C*KH*KW`` weights (see ``passes.conv_layers``).
     """
     from .node_pruning import prunable_layers
 
@@ -58,8 +58,6 @@ def plan_layers(model: onnx.ModelProto, profile: TargetProfile) -> list[LayerPla
         if method == "nodes" and name not in node_prunable:
             method = "weights" if rules["fc"] == "weights" and kind == "fc" else "none"
             note = "no next layer to shrink"
-        if method == "weights" and kind == "conv":
-            method, note = "none", "SIMD-aware CONV weight pruning is not built yet: left dense"
         plans.append(LayerPlan(name, kind, method, note))
     return plans
 
@@ -75,21 +73,23 @@ class MeasuredLayer:
         return self.sparse_us < self.dense_us
 
 
-def keep_where_sparse_pays(outcome, profile: TargetProfile, time_fn=None) -> list[MeasuredLayer]:
+def keep_where_sparse_pays(outcome, profile: TargetProfile, time_fn=None,
+                           rpc: str | None = None) -> list[MeasuredLayer]:
     """The measured mode of the policy: time each weight-pruned layer's grouped-sparse kernel
-    against our dense kernel on this machine, and give back its dense weights (in
+    against our dense kernel on this machine (or on the RPC server ``rpc``), and give back its dense weights (in
     ``outcome.model``) wherever sparse does not pay. The paper found sparse FC layers breaking
     even only near 84% pruning on its CPU, and sparse CONV layers hardly ever."""
     from .format import GroupedSparseMatrix
     from .onnx_io import replace_weights
     from .tuning import time_layer
 
-    time_fn = time_fn or (lambda w: time_layer(profile, w))
+    time_fn = time_fn or (lambda w, rows: time_layer(profile, w, batch=rows, rpc=rpc))
     results, undo = [], []
-    for layer in outcome.layers:
-        dense = time_fn(layer.original)
-        sparse = time_fn(GroupedSparseMatrix.from_dense(layer.pruned, layer.group_width))
-        name = outcome.initializer_names.get(layer.index, layer.name)
+    for position, layer in enumerate(outcome.layers):
+        # a conv layer runs as a dense layer over its OH*OW patch rows: time it so
+        dense = time_fn(layer.original, layer.rows)
+        sparse = time_fn(GroupedSparseMatrix.from_dense(layer.pruned, layer.group_width), layer.rows)
+        name = outcome.weight_name(position)
         results.append(MeasuredLayer(name, dense * 1e6, sparse * 1e6))
         if not results[-1].pays:
             undo.append((layer.pruned, layer.original))

@@ -1,0 +1,129 @@
+"""Finding convolution layers in a Relax function, and seeing each as a dense layer.
+
+A *conv layer* is ``nn.conv2d(x, W)`` with a constant ``W[O, C, KH, KW]`` (NCHW data, OIHW
+weight, ``groups=1``), optionally followed by the bias ``add`` the ONNX importer makes
+(``reshape`` of a constant of O values to ``[1, O, 1, 1]``) and by ``nn.relu``, fused only when
+nothing else reads the intermediate result.
+
+Unfolded over its input patches (im2col), a convolution is a dense layer: ``W`` becomes the
+matrix ``W[O, C*KH*KW]`` (ONNX's own flattening, channel-major) and each output position reads
+one patch row of ``C*KH*KW`` inputs. SIMD-aware weight pruning and our dense-layer kernels
+therefore apply to it unchanged; groups of g weights run along that flattened patch axis.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+from tvm import ir, relax, tirx
+
+from .dense_layers import UseCounter, absorb_epilogue, const_array, op_name, readers_of, tensor_type, var_bindings
+
+log = logging.getLogger("tvm_scalpel.passes")
+
+
+@dataclass
+class ConvLayer:
+    """One conv layer: ``output = act(conv2d(data, weight) + bias)``."""
+
+    index: int  # position among the function's conv layers, in binding order
+    data: relax.Expr  # x[B, C, H, W]
+    kernel: np.ndarray  # W[O, C, KH, KW], float32
+    weight_const: ir.expr.GenericConst
+    conv: relax.Var
+    output: relax.Var  # the last var of the layer (conv2d, add or relu)
+    strides: tuple[int, int]
+    padding: tuple[int, int, int, int]  # top, left, bottom, right
+    dilation: tuple[int, int]
+    bias: np.ndarray | None = None  # [O] float32
+    relu: bool = False
+    fused: list[relax.Var] = field(default_factory=list)
+
+    @property
+    def weight(self) -> np.ndarray:
+        """The unfolded weight ``W[O, C*KH*KW]``."""
+        return self.kernel.reshape(self.kernel.shape[0], -1)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.kernel.shape[0]), int(np.prod(self.kernel.shape[1:]))
+
+    def output_size(self, h: int, w: int) -> tuple[int, int]:
+        kh, kw = self.kernel.shape[2:]
+        (sh, sw), (dh, dw), (pt, pl, pb, pr) = self.strides, self.dilation, self.padding
+        return ((h + pt + pb - dh * (kh - 1) - 1) // sh + 1,
+                (w + pl + pr - dw * (kw - 1) - 1) // sw + 1)
+
+
+def _ints(values) -> tuple[int, ...]:
+    return tuple(int(v) for v in values)
+
+
+def _padding(values) -> tuple[int, int, int, int]:
+    pad = _ints(values)
+    if len(pad) == 1:
+        return pad * 4
+    if len(pad) == 2:
+        return pad + pad
+    return pad  # type: ignore[return-value]
+
+
+def _channel_bias(expr: relax.Expr, values: dict, channels: int) -> np.ndarray | None:
+    """The O bias values of an operand added to ``[B, O, H, W]``: a constant shaped ``[1, O, 1,
+    1]`` or ``[O, 1, 1]``, possibly behind a ``reshape`` of a constant (the importer's form)."""
+    arr = const_array(expr)
+    if arr is None and isinstance(expr, relax.Var) and op_name(values.get(expr)) == "relax.reshape":
+        source = const_array(values[expr].args[0])
+        ty = tensor_type(expr)
+        if source is not None and ty is not None and ty.shape is not None:
+            arr = source.reshape([int(d) for d in ty.shape.values])
+    if arr is None or arr.dtype != np.float32 or arr.ndim not in (3, 4) or arr.size != channels:
+        return None
+    if arr.shape[-3] != channels:  # the channel axis must be the one of size O
+        return None
+    return np.ascontiguousarray(arr.reshape(channels))
+
+
+def find_conv_layers(func: relax.Function, warn: bool = True) -> list[ConvLayer]:
+    """The conv layers of ``func`` that we take, in binding order; others are left as they
+    are (with a warning when ``warn``)."""
+    counter = UseCounter()
+    counter.visit_expr(func)
+    bindings = var_bindings(func)
+    values = {b.var: b.value for b in bindings}
+    readers = readers_of(bindings)
+    layers: list[ConvLayer] = []
+    for b in bindings:
+        if op_name(b.value) != "relax.nn.conv2d":
+            continue
+        data, weight = b.value.args[0], b.value.args[1]
+        kernel = const_array(weight)
+        if kernel is None:
+            continue
+        attrs = b.value.attrs
+        ty = tensor_type(data)
+        reason = None
+        if ty is None or ty.ndim != 4 or str(ty.dtype) != "float32" or kernel.dtype != np.float32:
+            reason = "only float32 inputs of rank 4 are supported"
+        elif int(attrs.groups) != 1:
+            reason = f"grouped convolution (groups={int(attrs.groups)}) is not supported"
+        elif (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout)) != ("NCHW", "OIHW", "NCHW"):
+            reason = f"layout {attrs.data_layout}/{attrs.kernel_layout} is not supported"
+        elif attrs.out_dtype is not None and str(attrs.out_dtype) not in ("", "void", "float32"):
+            reason = f"output type {attrs.out_dtype} is not supported"
+        elif not all(isinstance(d, tirx.IntImm) for d in ty.shape.values[1:]):
+            reason = "only a static channel and image size is supported"
+        if reason is not None:
+            if warn:
+                log.warning("conv layer %s (weight %s) left as it is: %s", b.var.name,
+                            "x".join(map(str, kernel.shape)), reason)
+            continue
+        layer = ConvLayer(len(layers), data, kernel, weight, b.var, b.var, _ints(attrs.strides),
+                          _padding(attrs.padding), _ints(attrs.dilation))
+        channels = layer.shape[0]
+        absorb_epilogue(layer, values, readers, counter.uses,
+                        bias_of=lambda expr, o=channels: _channel_bias(expr, values, o))
+        layers.append(layer)
+    return layers
