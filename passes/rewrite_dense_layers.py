@@ -15,7 +15,7 @@ from typing import Literal
 
 import numpy as np
 import tvm
-from tvm import relax
+from tvm import relax, tirx
 
 from tvm_scalpel import schedules
 from tvm_scalpel.format import GroupedSparseMatrix
@@ -66,10 +66,18 @@ def estimated_speedup(sparse: GroupedSparseMatrix, simd_width: int) -> float:
 class KernelLowering:
     """Chooses and builds the kernel call for one layer (dense, or a conv layer unfolded)."""
 
-    def __init__(self, profile: TargetProfile, mode: Mode, knobs_for=None) -> None:
+    def __init__(self, profile: TargetProfile, mode: Mode, knobs_for=None, dense_kernel_for=None) -> None:
         self.profile = profile
         self.mode = mode
         self.knobs_for = knobs_for
+        self.dense_kernel_for = dense_kernel_for
+
+    def tuned_dense(self, layer, batch) -> tirx.PrimFunc | None:
+        """A searched kernel (meta_schedule) for a dense layer at a static batch, if one won."""
+        if self.dense_kernel_for is None or not isinstance(batch, (int, tirx.IntImm)):
+            return None
+        n, k = layer.shape
+        return self.dense_kernel_for(n, k, int(batch))
 
     def decide(self, layer: DenseLayer, kind: str = "fc") -> tuple[LayerDecision, GroupedSparseMatrix | None]:
         n, k = layer.shape
@@ -83,11 +91,12 @@ class KernelLowering:
             # on GPUs sparse weights hardly ever pay (the paper prunes nodes there)
             or (self.mode == "auto" and speedup > 1.0 and schedules.supports_dense(self.profile))
         )
+        tuned = not go_sparse and self.tuned_dense(layer, tensor_batch(layer.data)) is not None
         decision = LayerDecision(
             index=layer.index,
             name=str(layer.output.name),
             shape=(n, k),
-            kernel="grouped-sparse" if go_sparse else "dense",
+            kernel="grouped-sparse" if go_sparse else ("dense (meta_schedule)" if tuned else "dense"),
             group_width=g if sparse is not None else 0,
             density=density,
             estimated_speedup=speedup,
@@ -114,9 +123,14 @@ class KernelLowering:
             name = f"scalpel_grouped_sparse_dense_{n}x{k}_g{sparse.group_width}"
             operands = [packed.values, packed.offsets, packed.indptr, bias]
         else:
+            operands = [np.ascontiguousarray(layer.weight), bias]
+            tuned = self.tuned_dense(layer, batch)
+            if tuned is not None:  # bias inside, ReLU after: the tuned workload has none
+                gv = bb.add_func(tuned, f"scalpel_tuned_dense_{n}x{k}")
+                call = relax.call_tir(gv, [data] + [relax.const(a) for a in operands], out_ty=out_ty)
+                return relax.op.nn.relu(bb.emit(call)) if layer.relu else call
             spec = schedules.layer_spec(self.profile, n, k, layer.relu)
             name = f"scalpel_dense_{n}x{k}"
-            operands = [np.ascontiguousarray(layer.weight), bias]
         gv = bb.add_func(schedules.kernel(self.profile, [spec]), name)
         args = [data] + [relax.const(a) for a in operands]
         return relax.call_tir(gv, args, out_ty=out_ty)
@@ -164,21 +178,25 @@ class RewriteDenseLayers:
     report: when a list is given, one ``LayerDecision`` per layer is appended to it.
     knobs_for: ``(n, k, g, rate) -> CpuKnobs | None``, e.g. a tuning database's
         ``knobs_for``: the kernel knobs of a grouped-sparse layer (default: the target's).
+    dense_kernel_for: ``(n, k, batch) -> PrimFunc | None``: a searched kernel (meta_schedule,
+        see ``tvm_scalpel.dense_tuning``) for a dense layer at a static batch, used instead of
+        ours where the tuning database says it is faster.
     """
 
     def __init__(self, target=None, mode: Mode = "auto", report: list[LayerDecision] | None = None,
-                 knobs_for=None):
+                 knobs_for=None, dense_kernel_for=None):
         self.profile = resolve_target(target)
         self.mode = mode
         self.report = report
         self.knobs_for = knobs_for
+        self.dense_kernel_for = dense_kernel_for
 
     def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
         if not schedules.supports(self.profile):
             log.warning("no dense-layer kernels for target kind %r: dense layers left to TVM",
                         self.profile.kind)
             return mod
-        lowering = KernelLowering(self.profile, self.mode, self.knobs_for)
+        lowering = KernelLowering(self.profile, self.mode, self.knobs_for, self.dense_kernel_for)
         rewriter = _LayerRewriter(mod, lowering)
         for gv, func in mod.functions_items():
             if not isinstance(func, relax.Function):

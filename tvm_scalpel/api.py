@@ -151,7 +151,7 @@ def build_relax(mod: tvm.IRModule, target=None, mode: str = "auto", fuse: bool =
     except ValueError:
         raise ScalpelError(f"TVM cannot compile whole models for target kind {profile.kind!r}") from None
     report: list[LayerDecision] = []
-    knobs_for = None
+    knobs_for = dense_kernel_for = None
     if tuning_db is not None:
         from .tuning import TuningDatabase
 
@@ -159,8 +159,10 @@ def build_relax(mod: tvm.IRModule, target=None, mode: str = "auto", fuse: bool =
             raise ScalpelError(f"{tuning_db}: no such tuning database")
         db = TuningDatabase(tuning_db)
         knobs_for = lambda n, k, g, rate: db.knobs_for(profile, n, k, g, rate)  # noqa: E731
+        dense_kernel_for = _meta_schedule_kernels(db, profile, tuning_db)
     passes = [RewriteConvLayers(profile, mode=mode, report=report, knobs_for=knobs_for),
-              RewriteDenseLayers(profile, mode=mode, report=report, knobs_for=knobs_for)]
+              RewriteDenseLayers(profile, mode=mode, report=report, knobs_for=knobs_for,
+                                 dense_kernel_for=dense_kernel_for)]
     if fuse:
         passes.append(FuseDenseChains(profile))
     seq = tvm.transform.Sequential(passes + [default_pipeline])
@@ -168,11 +170,32 @@ def build_relax(mod: tvm.IRModule, target=None, mode: str = "auto", fuse: bool =
     return CompileOutcome(exe, report, profile)
 
 
+def _meta_schedule_kernels(db, profile: TargetProfile, tuning_db):
+    """``(n, k, batch) -> PrimFunc | None``: meta_schedule's kernel where it measured faster
+    than ours for that dense layer (``tvm-scalpel tune --dense-trials``)."""
+    import functools
+
+    from .dense_tuning import ms_work_dir, tuned_dense_kernel
+
+    @functools.lru_cache(maxsize=None)
+    def kernel_for(n: int, k: int, batch: int):
+        if not db.meta_schedule_wins(profile, n, k, batch):
+            return None
+        return tuned_dense_kernel(profile, batch, n, k, ms_work_dir(tuning_db))
+
+    return kernel_for
+
+
 def compile_onnx(model: onnx.ModelProto, target=None, mode: str = "auto", fuse: bool = True,
-                 tuning_db: str | os.PathLike | None = None) -> CompileOutcome:
-    """Compile an ONNX model; layers whose zeros form groups and pay go grouped-sparse."""
+                 tuning_db: str | os.PathLike | None = None, batch: int | None = None) -> CompileOutcome:
+    """Compile an ONNX model; layers whose zeros form groups and pay go grouped-sparse.
+    ``batch`` fixes the model's batch size (meta_schedule's kernels need a static one)."""
     if mode not in ("auto", "sparse", "dense"):
         raise ScalpelError(f"unknown mode {mode!r}: use auto, sparse or dense")
+    if batch is not None:
+        from .onnx_io import with_batch
+
+        model = with_batch(model, batch)
     return build_relax(to_relax(model), target, mode, fuse, tuning_db)
 
 

@@ -215,6 +215,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     profile = resolve_target(args.target)
     if profile.kind != "llvm":
         raise ScalpelError(f"tuning measures our CPU kernels: target {profile.name} has none yet")
+    if args.dense_trials and (profile.name != "x86" or args.rpc is not None):
+        raise ScalpelError("--dense-trials tunes dense layers with meta_schedule on this machine: "
+                           "use --target x86 without --rpc")
     if profile.name != "x86" and args.rpc is None:
         raise ScalpelError(f"target {profile.name} cannot run here: measure on it with --rpc")
     measure_fn = None
@@ -231,22 +234,63 @@ def cmd_tune(args: argparse.Namespace) -> int:
         raise ScalpelError(f"{args.model}: no dense layer to tune")
     db = TuningDatabase(args.db)
     tasks = [Task(n, k, args.rate, args.batch) for _, (n, k) in shapes]
+    sparse_trials = args.trials if args.rate > 0 else 0  # rate 0: every layer stays dense
     rows, total_new = [], 0
-    with tqdm(total=len(tasks) * args.trials, desc="tune", unit="trial", disable=True if args.quiet else None,
-              leave=False) as bar:
+    with tqdm(total=len(tasks) * (sparse_trials + 1), desc="tune", unit="trial",
+              disable=True if args.quiet else None, leave=False) as bar:
         for (name, _), task in zip(shapes, tasks):
-            kwargs = {"measure_fn": measure_fn} if measure_fn else {}
-            best, secs, new = tune_task(task, profile, db, args.trials, progress=bar, **kwargs)
-            bar.update(args.trials - new)
+            row, new = _tune_layer(args, task, profile, db, sparse_trials, measure_fn, bar)
             total_new += new
-            rows.append([name, f"{task.n}x{task.k}", best.group_width, best.unroll,
-                         best.batch_tile if task.batch > 1 else "-", "yes" if best.parallel else "no",
-                         f"{secs * 1e6:.2f}", new])
+            rows.append([name, f"{task.n}x{task.k}"] + row)
     print(format_table(["layer", "shape (NxK)", "best g", "unroll", "batch tile", "threads",
-                        "us", "new trials"], rows))
+                        "sparse us", "dense us (ours)", "dense us (meta_schedule)", "kernel",
+                        "new trials"], rows))
     print(f"{total_new} new measurements; database {args.db} (target {profile.name}, "
           f"rate {args.rate}, batch {args.batch})")
     return 0
+
+
+def _tune_layer(args, task, profile, db, sparse_trials: int, measure_fn, bar) -> tuple[list, int]:
+    """Tune one layer: grouped-sparse candidates, our dense kernel, and (``--dense-trials``)
+    meta_schedule where the layer stays dense. Returns its table row and new measurements."""
+    from functools import partial
+
+    import numpy as np
+
+    from .tuning import time_layer, tune_task
+
+    best = secs = None
+    new = 0
+    if sparse_trials:
+        kwargs = {"measure_fn": measure_fn} if measure_fn else {}
+        best, secs, new = tune_task(task, profile, db, sparse_trials, progress=bar, **kwargs)
+        bar.update(sparse_trials - new)
+    dense = db.dense_times(profile, task.n, task.k, task.batch)
+    if "ours" not in dense:
+        w = np.random.default_rng(0).standard_normal((task.n, task.k)).astype(np.float32)
+        timer = partial(time_layer, rpc=args.rpc) if args.rpc else time_layer
+        db.add_dense(profile, task.n, task.k, task.batch, "ours", timer(profile, w, task.batch))
+        new += 1
+    bar.update(1)
+    stays_dense = secs is None or secs >= db.dense_times(profile, task.n, task.k, task.batch)["ours"]
+    if stays_dense and args.dense_trials and "meta_schedule" not in dense:
+        from .dense_tuning import ms_work_dir, tune_dense
+
+        bar.set_postfix_str(f"meta_schedule {task.n}x{task.k}")
+        times = tune_dense(profile, task.batch, task.n, task.k, args.dense_trials, ms_work_dir(args.db))
+        for kernel, seconds in times.items():
+            db.add_dense(profile, task.n, task.k, task.batch, kernel, seconds)
+        new += args.dense_trials
+    dense = db.dense_times(profile, task.n, task.k, task.batch)
+    if not stays_dense:
+        kernel = f"grouped-sparse g={best.group_width}"
+    else:
+        kernel = "dense (meta_schedule)" if db.meta_schedule_wins(profile, task.n, task.k, task.batch) else "dense (ours)"
+    fmt = lambda v: "-" if v is None else f"{v * 1e6:.2f}"  # noqa: E731
+    row = ["-"] * 4 if best is None else [best.group_width, best.unroll,
+                                         best.batch_tile if task.batch > 1 else "-",
+                                         "yes" if best.parallel else "no"]
+    return row + [fmt(secs), fmt(dense.get("ours")), fmt(dense.get("meta_schedule")), kernel, new], new
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -278,7 +322,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     profile = resolve_target(args.target)
     cross_linker(profile)  # a missing cross compiler is an error before minutes of compiling
     model = load_onnx(args.model)
-    outcome = compile_onnx(model, profile, mode=args.mode, tuning_db=args.db)
+    outcome = compile_onnx(model, profile, mode=args.mode, tuning_db=args.db, batch=args.batch)
     export_library(outcome.executable, args.output, profile)
     names = initializer_names(model, [d.weight for d in outcome.layers])
     rows = [[name or d.name, f"{d.shape[0]}x{d.shape[1]}", f"{1 - d.density:.3f}", d.group_width or "-",
@@ -410,6 +454,10 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--batch", type=_positive, default=1, help="batch size tuned for")
     u.add_argument("--trials", type=_positive, default=16,
                    help="candidates known per layer at the end (database records count)")
+    u.add_argument("--dense-trials", type=_non_negative, default=0, metavar="TRIALS",
+                   help="tune the layers that stay dense with meta_schedule, this many trials "
+                        "each (x86; a minute or more per layer); compile --db --batch uses the "
+                        "result where it beats our dense kernel")
     u.add_argument("--rpc", default=None, metavar="ADDRESS",
                    help="measure on an RPC server: HOST:PORT, or tracker://HOST:PORT/KEY")
     u.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -428,7 +476,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--target", default="x86", help=target_help)
     c.add_argument("--mode", choices=["auto", "sparse", "dense"], default="auto",
                    help="auto: sparse only where the cost model says it pays (default)")
-    c.add_argument("--db", default=None, help="tuning database: use the kernel knobs measured best")
+    c.add_argument("--db", default=None, help="tuning database: use the kernel knobs measured best "
+                   "(and meta_schedule's dense kernels where they won, with --batch)")
+    c.add_argument("--batch", type=_positive, default=None,
+                   help="fix the batch size (default: any batch at run time)")
     c.set_defaults(func=cmd_compile)
 
     r = sub.add_parser("run", help="run a compiled library on a .npy input")

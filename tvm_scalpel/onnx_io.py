@@ -50,6 +50,22 @@ def to_relax(model: onnx.ModelProto, source: str = "model"):
         raise ScalpelError(f"{source}: TVM cannot import this model: {detail.strip()}") from None
 
 
+def with_batch(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
+    """A copy of ``model`` whose inputs and outputs have batch size ``batch`` (their first dim)."""
+    if batch < 1:
+        raise ScalpelError(f"batch size must be >= 1, got {batch}")
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    inits = {i.name for i in fixed.graph.initializer}
+    for value in list(fixed.graph.input) + list(fixed.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if value.name not in inits and len(dims):
+            if dims[0].HasField("dim_value") and dims[0].dim_value not in (batch,):
+                raise ScalpelError(f"input {value.name!r} has a fixed batch of {dims[0].dim_value}, not {batch}")
+            dims[0].dim_value = batch
+    return fixed
+
+
 def _float_matrices(model: onnx.ModelProto):
     """Float initializers as matrices: 2-D ones as they are, conv kernels ``[O, C, KH, KW]``
     unfolded to ``[O, C*KH*KW]`` (the matrix our passes prune)."""

@@ -86,6 +86,7 @@ class TuningDatabase:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self.records: dict[str, list[dict]] = {}
+        self.dense: dict[str, dict[str, float]] = {}  # dense-layer key -> {kernel: seconds}
         if self.path.is_dir():
             raise ScalpelError(f"{self.path}: is a directory, not a tuning database")
         if self.path.exists():
@@ -97,7 +98,11 @@ class TuningDatabase:
             for line in f:
                 try:
                     rec = json.loads(line)
-                    key, cand, secs = rec["key"], rec["candidate"], float(rec["seconds"])
+                    key, secs = rec["key"], float(rec["seconds"])
+                    if "dense" in rec:  # a dense layer's kernel: ours or meta_schedule's
+                        self.dense.setdefault(key, {})[str(rec["dense"])] = secs
+                        continue
+                    cand = rec["candidate"]
                     Candidate(**cand)
                 except (ValueError, KeyError, TypeError):
                     bad += line.strip() != ""
@@ -109,13 +114,34 @@ class TuningDatabase:
     def lookup(self, task: Task, profile: TargetProfile) -> dict[Candidate, float]:
         return {Candidate(**r["candidate"]): r["seconds"] for r in self.records.get(task.key(profile), [])}
 
-    def add(self, task: Task, profile: TargetProfile, candidate: Candidate, seconds: float) -> None:
-        rec = {"key": task.key(profile), "candidate": asdict(candidate), "seconds": seconds}
+    def _append(self, rec: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(rec) + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+    def add(self, task: Task, profile: TargetProfile, candidate: Candidate, seconds: float) -> None:
+        rec = {"key": task.key(profile), "candidate": asdict(candidate), "seconds": seconds}
+        self._append(rec)
         self.records.setdefault(rec["key"], []).append({"candidate": rec["candidate"], "seconds": seconds})
+
+    @staticmethod
+    def dense_key(profile: TargetProfile, n: int, k: int, batch: int) -> str:
+        return json.dumps([str(profile.target), n, k, "dense", batch])
+
+    def add_dense(self, profile: TargetProfile, n: int, k: int, batch: int, kernel: str,
+                  seconds: float) -> None:
+        """Record a dense layer's time on one kernel: "ours" or "meta_schedule"."""
+        key = self.dense_key(profile, n, k, batch)
+        self._append({"key": key, "dense": kernel, "seconds": seconds})
+        self.dense.setdefault(key, {})[kernel] = seconds
+
+    def dense_times(self, profile: TargetProfile, n: int, k: int, batch: int) -> dict[str, float]:
+        return dict(self.dense.get(self.dense_key(profile, n, k, batch), {}))
+
+    def meta_schedule_wins(self, profile: TargetProfile, n: int, k: int, batch: int) -> bool:
+        times = self.dense_times(profile, n, k, batch)
+        return "meta_schedule" in times and times["meta_schedule"] < times.get("ours", float("inf"))
 
     def knobs_for(self, profile: TargetProfile, n: int, k: int, group_width: int, rate: float,
                   batch: int = 1, tolerance: float = 0.02):

@@ -1,0 +1,113 @@
+"""meta_schedule for the layers that stay dense.
+
+A layer that the policy or the measurements leave dense still needs a fast kernel. We have our
+own (``schedules.x86``); TVM's meta_schedule can search one too. ``tune_dense`` searches a
+schedule of the layer's workload ``y[B, N] = x[B, K] @ W[N, K].T + b`` at a fixed batch with
+meta_schedule (its records go to a meta_schedule database directory beside our tuning
+database), times the best one and our dense kernel the same way, and records both times in our
+database. ``tuned_dense_kernel`` gives the searched kernel back at compile time, for the layers
+where it measured faster. A fixed batch is what meta_schedule tunes: a model with a symbolic
+batch keeps our kernel (``tvm-scalpel compile --batch B`` fixes it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import tvm
+from tvm import te
+
+from .errors import ScalpelError
+from .targets import TargetProfile
+
+log = logging.getLogger("tvm_scalpel.tuning")
+
+
+def ms_work_dir(tuning_db: str | os.PathLike) -> Path:
+    """meta_schedule's own database lives in a directory beside ours: ``DB.ms/``."""
+    return Path(f"{tuning_db}.ms")
+
+
+def workload(batch: int, n: int, k: int) -> tvm.IRModule:
+    """The dense layer as TVM's TE writes it, with the operands of our dense kernel."""
+    x = te.placeholder((batch, k), "float32", name="x")
+    w = te.placeholder((n, k), "float32", name="weight")
+    b = te.placeholder((n,), "float32", name="bias")
+    r = te.reduce_axis((0, k), name="k")
+    dot = te.compute((batch, n), lambda i, j: te.sum(x[i, r] * w[j, r], axis=r), name="dense")
+    y = te.compute((batch, n), lambda i, j: dot[i, j] + b[j], name="bias_add")
+    return tvm.IRModule({"main": te.create_prim_func([x, w, b, y])})
+
+
+def _ms_target(profile: TargetProfile) -> tvm.target.Target:
+    """meta_schedule needs the core count in the target."""
+    config = dict(profile.target.export())
+    config.setdefault("num-cores", os.cpu_count() or 1)
+    return tvm.target.Target(config)
+
+
+def _database(work_dir: Path):
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.database.JSONDatabase(path_workload=str(work_dir / "database_workload.json"),
+                                    path_tuning_record=str(work_dir / "database_tuning_record.json"),
+                                    allow_missing=True)
+
+
+def tuned_dense_kernel(profile: TargetProfile, batch: int, n: int, k: int,
+                       work_dir: str | os.PathLike) -> tvm.tirx.PrimFunc | None:
+    """The best schedule meta_schedule found for the workload, or None if it has none."""
+    from tvm.s_tir import meta_schedule as ms
+
+    work_dir = Path(work_dir)
+    if not (work_dir / "database_tuning_record.json").exists():
+        return None
+    mod = workload(batch, n, k)
+    sch = ms.tir_integration.compile_tir(_database(work_dir), mod, _ms_target(profile))
+    if sch is None:
+        return None
+    return sch.mod["main"].without_attr("global_symbol").with_attr("tirx.is_scheduled", True)
+
+
+def _time(profile: TargetProfile, func: tvm.tirx.PrimFunc, batch: int, n: int, k: int,
+          min_repeat_ms: int = 20) -> float:
+    exe = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=profile.target)
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal(s).astype(np.float32) for s in ((batch, k), (n, k), (n,))]
+    args = [tvm.runtime.tensor(a) for a in arrays + [np.zeros((batch, n), np.float32)]]
+    timer = exe.mod.time_evaluator("main", tvm.cpu(), number=10, repeat=5, min_repeat_ms=min_repeat_ms)
+    return float(np.median(timer(*args).results))
+
+
+def tune_dense(profile: TargetProfile, batch: int, n: int, k: int, trials: int,
+               work_dir: str | os.PathLike) -> dict[str, float]:
+    """Search the dense layer's schedule with meta_schedule (``trials`` candidates); seconds per
+    call of its best and of our dense kernel, timed alike: ``{"meta_schedule": s, "ours": s}``."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from . import schedules
+
+    if profile.name != "x86":
+        raise ScalpelError("meta_schedule tunes dense layers on this machine: use --target x86")
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    mod = workload(batch, n, k)
+    target = _ms_target(profile)
+    quiet = not log.isEnabledFor(logging.DEBUG)  # meta_schedule logs every round at INFO
+    ms_log = logging.getLogger("tvm.s_tir.meta_schedule")
+    level = ms_log.level
+    if quiet:
+        ms_log.setLevel(logging.WARNING)
+    try:
+        ms.tune_tir(mod, target, str(work_dir), max_trials_global=trials,
+                    num_trials_per_iter=min(trials, 16), database=_database(work_dir))
+    finally:
+        ms_log.setLevel(level)
+    tuned = tuned_dense_kernel(profile, batch, n, k, work_dir)
+    if tuned is None:
+        raise ScalpelError(f"meta_schedule found no valid schedule for the {n}x{k} dense layer")
+    ours = schedules.dense(profile, n, k, relu=False)
+    return {"meta_schedule": _time(profile, tuned, batch, n, k), "ours": _time(profile, ours, batch, n, k)}
