@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test bench bench-accuracy clean
+.PHONY: setup setup-arm demo test bench bench-accuracy clean
 
 setup: $(STAMP)
 
@@ -14,6 +14,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[test,bench]"
 	touch $(STAMP)
+
+# aarch64 under emulation: qemu-user and the cross toolchain (apt-get), then .arm/ (an arm64
+# Python sysroot and aarch64 TVM wheels) for running aarch64 models through TVM RPC; idempotent
+setup-arm: $(STAMP)
+	PYTHON_VENV=$(PY) bash scripts/setup_arm.sh
 
 demo: $(STAMP)
 	$(PY) -m tvm_scalpel.demo
@@ -30,4 +35,4 @@ bench-accuracy: $(STAMP)
 	$(PY) benchmarks/bench_accuracy.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info demo_out
+	rm -rf $(VENV) .arm build *.egg-info demo_out

@@ -69,7 +69,10 @@ def test_tune_over_rpc_fills_the_database(rpc_env):
                   "--rpc", rpc_env["server"], "--quiet")
     assert res.returncode == 0, res.stderr
     records = [json.loads(line) for line in db.read_text().splitlines()]
-    assert len(records) == 12 and all(0 < r["seconds"] < 1e-2 for r in records)
+    assert all(0 < r["seconds"] < 1e-2 for r in records)
+    # 6 grouped-sparse candidates a layer, and our dense kernel once a layer (2 layers)
+    assert sum("candidate" in r for r in records) == 12
+    assert [r["dense"] for r in records if "dense" in r] == ["ours", "ours"]
 
 
 def test_a_server_that_is_down_is_a_clear_error(tmp_path, rng):

@@ -60,11 +60,13 @@ def upload_library(session, path: str | os.PathLike):
         raise ScalpelError(f"loading {path.name} on the RPC server failed: {_last_line(err)}") from None
 
 
-def run_remote(spec: str, library: str | os.PathLike, x: np.ndarray) -> np.ndarray:
-    """Run a compiled model (``tvm-scalpel compile``) on the RPC server."""
+def run_remote(spec: str, library: str | os.PathLike, x: np.ndarray,
+               timeout: int = SESSION_TIMEOUT_S) -> np.ndarray:
+    """Run a compiled model (``tvm-scalpel compile``) on the RPC server; the server ends the
+    session after ``timeout`` seconds."""
     from tvm import relax, runtime
 
-    session = connect(spec)
+    session = connect(spec, timeout)
     lib = upload_library(session, library)
     try:
         dev = session.cpu()
