@@ -1,10 +1,12 @@
-"""``RewriteConvLayers``: every conv layer becomes im2col + a call of our dense-layer kernels.
+"""``RewriteConvLayers``: every conv layer becomes im2col + a call of our patch kernel.
 
 TVM's own conv2d has no CPU schedule without tuning (it runs LeNet-5's convolutions as plain
 loops), and TOPI has no sparse convolution at all. Unfolding the input patches (im2col) turns a
-convolution into a dense layer over ``B*OH*OW`` patch rows, so the same kernels as for FC layers
-run it: the grouped-sparse one when the weight is group-sparse enough to pay (SIMD-aware CONV
-weight pruning, the paper's choice for low-parallelism targets), our dense one otherwise.
+convolution into a dense layer over ``B*OH*OW`` patches, with the weights and formats of FC
+layers: grouped-sparse when the weight is group-sparse enough to pay (SIMD-aware CONV weight
+pruning, the paper's choice for low-parallelism targets), dense otherwise. Its kernel
+vectorizes along output positions rather than along the weights, which suits the few output
+channels and short patches of small CNNs.
 """
 
 from __future__ import annotations
@@ -25,15 +27,16 @@ log = logging.getLogger("tvm_scalpel.passes")
 
 
 def im2col(data: te.Tensor, layer: ConvLayer) -> te.Tensor:
-    """``cols[b, oy, ox, c, ky, kx]``: the input under each weight of each output position
-    (zero in the padding); reshaped to ``[B*OH*OW, C*KH*KW]`` it is the dense layer's input."""
+    """``cols[b, c, ky, kx, oy, ox]``: the input under weight ``(c, ky, kx)`` at each output
+    position (zero in the padding); reshaped to ``[B, C*KH*KW, OH*OW]`` it is the patch
+    kernel's input, output positions contiguous so that they fill SIMD lanes."""
     _, channels, height, width = data.shape
     oh, ow = layer.output_size(int(height), int(width))
     _, _, kh, kw = layer.kernel.shape
     (sh, sw), (dh, dw), (pt, pl, pb, pr) = layer.strides, layer.dilation, layer.padding
     padded = any(layer.padding)
 
-    def value(b, oy, ox, c, ky, kx):
+    def value(b, c, ky, kx, oy, ox):
         y = oy * sh - pt + ky * dh
         x = ox * sw - pl + kx * dw
         if not padded:
@@ -41,7 +44,7 @@ def im2col(data: te.Tensor, layer: ConvLayer) -> te.Tensor:
         inside = tirx.all(y >= 0, y < height, x >= 0, x < width)
         return tirx.if_then_else(inside, data[b, c, y, x], tirx.const(0.0, "float32"))
 
-    return te.compute((data.shape[0], oh, ow, channels, kh, kw), value, name="im2col")
+    return te.compute((data.shape[0], channels, kh, kw, oh, ow), value, name="im2col")
 
 
 @relax.expr_functor.mutator
@@ -61,11 +64,16 @@ class _ConvRewriter(relax.expr_functor.PyExprMutator):
         batch, _, height, width = data.ty.shape.values
         oh, ow = layer.output_size(int(height), int(width))
         n, k = layer.shape
+        positions = oh * ow
         patches = bb.emit_te(lambda x: im2col(x, layer), data, primfunc_name_hint="scalpel_im2col")
-        rows = bb.emit(relax.op.reshape(patches, relax.ShapeExpr([batch * oh * ow, k])))
-        out = bb.emit(self.lowering.call(bb, layer, rows, sparse))
-        nhwc = bb.emit(relax.op.reshape(out, relax.ShapeExpr([batch, oh, ow, n])))
-        nchw = relax.op.permute_dims(nhwc, [0, 3, 1, 2])
+        cols = bb.emit(relax.op.reshape(patches, relax.ShapeExpr([batch, k, positions])))
+        knobs = schedules.CpuKnobs(parallel_gemm=n * k * positions >= schedules.PARALLEL_MIN_MACS)
+        spec, name, operands = self.lowering.operands(layer, sparse, knobs)
+        kernel = bb.add_func(schedules.patch_kernel(self.lowering.profile, spec, positions),
+                             name.replace("_dense_", "_conv_", 1))
+        out = bb.emit(relax.call_tir(kernel, [cols] + [relax.const(a) for a in operands],
+                                     out_ty=relax.TensorType((batch, n, positions), "float32")))
+        nchw = relax.op.reshape(out, relax.ShapeExpr([batch, n, oh, ow]))
         self.set_var_remap(binding.var, emit_in_place_of(bb, binding.var, nchw))
 
 
@@ -76,14 +84,15 @@ class RewriteConvLayers:
     For every Relax function, each conv layer found by ``find_conv_layers`` (constant OIHW
     weight, NCHW data, ``groups=1``, optional bias and ReLU) becomes
 
-        cols = im2col(x)                        # [B*OH*OW, C*KH*KW]
-        y = call_tir(kernel, (cols, ...))       # [B*OH*OW, O], bias and ReLU fused
-        out = permute_dims(reshape(y, [B, OH, OW, O]), [0, 3, 1, 2])
+        cols = reshape(im2col(x), [B, C*KH*KW, OH*OW])
+        y = call_tir(patch_kernel, (cols, ...))   # [B, O, OH*OW], bias and ReLU fused
+        out = reshape(y, [B, O, OH, OW])
 
-    where the kernel is chosen exactly as ``RewriteDenseLayers`` chooses it for the unfolded
-    weight ``W[O, C*KH*KW]``: grouped-sparse when its zeros form groups and the cost model says
-    sparse pays (``mode="auto"``), our dense kernel otherwise. On targets we have no dense
-    kernels for (GPUs), conv layers are left to TVM.
+    where the patch kernel (``schedules.patch_kernel``: one weight broadcast into FMAs over
+    SIMD vectors of output positions) reads the unfolded weight ``W[O, C*KH*KW]`` dense or
+    grouped-sparse, chosen exactly as ``RewriteDenseLayers`` chooses: grouped-sparse when its
+    zeros form groups and the cost model says sparse pays (``mode="auto"``), dense otherwise.
+    On targets we have no dense kernels for (GPUs), conv layers are left to TVM.
 
     Parameters are those of ``RewriteDenseLayers``; reported decisions have ``kind="conv"``.
     """

@@ -106,33 +106,34 @@ class KernelLowering:
         )
         return decision, (sparse if go_sparse else None)
 
+    def operands(self, layer, sparse: GroupedSparseMatrix | None, knobs=None):
+        """``(LayerSpec, kernel name, constant operands)`` of the layer's kernel."""
+        n, k = layer.shape
+        bias = layer.bias if layer.bias is not None else np.zeros(n, np.float32)
+        if sparse is None:
+            spec = schedules.layer_spec(self.profile, n, k, layer.relu, knobs=knobs)
+            return spec, f"scalpel_dense_{n}x{k}", [np.ascontiguousarray(layer.weight), bias]
+        packed = schedules.pack_grouped_sparse(sparse)  # handles an all-zero layer too
+        if knobs is None and self.knobs_for is not None:
+            rate = 1.0 - float(np.count_nonzero(layer.weight)) / layer.weight.size
+            knobs = self.knobs_for(n, k, sparse.group_width, rate)
+        spec = schedules.layer_spec(self.profile, n, k, layer.relu, sparse.group_width,
+                                    sparse.n_groups, knobs)
+        name = f"scalpel_grouped_sparse_dense_{n}x{k}_g{sparse.group_width}"
+        return spec, name, [packed.values, packed.offsets, packed.indptr, bias]
+
     def call(self, bb: relax.BlockBuilder, layer: DenseLayer, data: relax.Expr,
-             sparse: GroupedSparseMatrix | None) -> relax.Call:
+             sparse: GroupedSparseMatrix | None) -> relax.Expr:
         n, k = layer.shape
         batch = tensor_batch(data)
-        bias = layer.bias if layer.bias is not None else np.zeros(n, np.float32)
         out_ty = relax.TensorType((batch, n), "float32")
-        if sparse is not None:
-            packed = schedules.pack_grouped_sparse(sparse)  # handles an all-zero layer too
-            knobs = None
-            if self.knobs_for is not None:
-                rate = 1.0 - float(np.count_nonzero(layer.weight)) / layer.weight.size
-                knobs = self.knobs_for(n, k, sparse.group_width, rate)
-            spec = schedules.layer_spec(self.profile, n, k, layer.relu, sparse.group_width,
-                                        sparse.n_groups, knobs)
-            name = f"scalpel_grouped_sparse_dense_{n}x{k}_g{sparse.group_width}"
-            operands = [packed.values, packed.offsets, packed.indptr, bias]
-        else:
-            operands = [np.ascontiguousarray(layer.weight), bias]
-            tuned = self.tuned_dense(layer, batch)
-            if tuned is not None:  # bias inside, ReLU after: the tuned workload has none
-                gv = bb.add_func(tuned, f"scalpel_tuned_dense_{n}x{k}")
-                call = relax.call_tir(gv, [data] + [relax.const(a) for a in operands], out_ty=out_ty)
-                return relax.op.nn.relu(bb.emit(call)) if layer.relu else call
-            spec = schedules.layer_spec(self.profile, n, k, layer.relu)
-            name = f"scalpel_dense_{n}x{k}"
-        gv = bb.add_func(schedules.kernel(self.profile, [spec]), name)
+        spec, name, operands = self.operands(layer, sparse)
         args = [data] + [relax.const(a) for a in operands]
+        tuned = self.tuned_dense(layer, batch) if sparse is None else None
+        if tuned is not None:  # bias inside, ReLU after: the tuned workload has none
+            call = relax.call_tir(bb.add_func(tuned, f"scalpel_tuned_dense_{n}x{k}"), args, out_ty=out_ty)
+            return relax.op.nn.relu(bb.emit(call)) if layer.relu else call
+        gv = bb.add_func(schedules.kernel(self.profile, [spec]), name)
         return relax.call_tir(gv, args, out_ty=out_ty)
 
 

@@ -26,6 +26,7 @@ __all__ = [
     "dense",
     "supports",
     "supports_dense",
+    "patch_kernel",
 ]
 
 # Multiply-adds per call above which spreading rows over threads beats the fork/join cost of
@@ -104,3 +105,13 @@ def dense(
 ) -> tirx.PrimFunc:
     """``y = act(x @ W.T + b)`` for a dense row-major ``W[n, k]``."""
     return kernel(profile, [layer_spec(profile, n, k, relu, knobs=knobs)])
+
+
+def patch_kernel(profile: TargetProfile, spec: LayerSpec, positions: int) -> tirx.PrimFunc:
+    """A conv layer over its unfolded patches (``cols[B, C*KH*KW, OH*OW]`` to ``y[B, O,
+    OH*OW]``), vectorized along the output positions; CPU targets only."""
+    if not supports_dense(profile):
+        raise ScalpelError(f"no convolution kernel for target kind {profile.kind!r}")
+    from . import x86
+
+    return x86.patch_kernel(spec, positions)

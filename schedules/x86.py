@@ -296,3 +296,73 @@ def dense_kernel(
 ) -> tirx.PrimFunc:
     """``y = act(x @ W.T + bias)`` with a dense row-major ``W[n, k]``, vectorized by ``lanes``."""
     return chain_kernel([LayerSpec(n, k, relu, lanes=lanes, knobs=knobs)])
+
+
+# ----------------------------------------------------------------------------------------------
+# Convolutions over unfolded patches: vectorized along output positions.
+
+PATCH_VECTORS = 4  # accumulator vectors per block of output positions (hides FMA latency)
+
+
+def _patch_block(spec: LayerSpec, cols, operands, acc, b, o, p0, vectors: int, width: int) -> None:
+    """``acc[v, :width] += sum_k W[o, k] * cols[b, k, p0 + v*width + :width]``: each weight is
+    one scalar broadcast into ``vectors`` FMAs, with no lane sum (unlike the GEMV/GEMM paths)."""
+
+    def fma(w, k) -> None:
+        for v in range(vectors):
+            with T.vectorized(0, width) as lane:
+                _store(acc, acc[v, lane] + w * cols[b, k, p0 + v * width + lane], v, lane)
+
+    if spec.sparse:
+        values, offsets, indptr = operands[:3]
+        with T.serial(indptr[o], indptr[o + 1]) as grp:
+            for j in range(spec.group_width):  # zero-padded lanes of a tail group add 0
+                fma(values[grp, j], offsets[grp] + j)
+    else:
+        with T.serial(0, spec.k) as k:
+            fma(operands[0][o, k], k)
+
+
+def _emit_patches(spec: LayerSpec, cols, operands, y, batch, positions: int) -> None:
+    lanes, bias = spec.lanes, operands[-1]
+    block = lanes * PATCH_VECTORS
+    # (first position, vectors, lanes) of each kind of block: full blocks, leftover vectors,
+    # leftover scalars
+    spans = [(0, positions // block, PATCH_VECTORS, lanes)]
+    start = positions // block * block
+    spans.append((start, (positions - start) // lanes, 1, lanes))
+    start += (positions - start) // lanes * lanes
+    spans.append((start, positions - start, 1, 1))
+    with T.serial(0, batch) as b:
+        with _rows(spec.n, spec.knobs.parallel_gemm) as o:
+            acc = T.alloc_buffer((PATCH_VECTORS, lanes), F32, scope="global")
+            for first, count, vectors, width in spans:
+                if count == 0:
+                    continue
+                with T.serial(0, count) as q:
+                    p0 = first + q * (vectors * width)
+                    for v in range(vectors):
+                        with T.vectorized(0, width) as lane:
+                            _store(acc, bias[o], v, lane)
+                    _patch_block(spec, cols, operands, acc, b, o, p0, vectors, width)
+                    for v in range(vectors):
+                        with T.vectorized(0, width) as lane:
+                            value = acc[v, lane]
+                            if spec.relu:
+                                value = tirx.max(value, tirx.const(0, F32))
+                            _store(y, value, b, o, p0 + v * width + lane)
+
+
+def patch_kernel(spec: LayerSpec, positions: int) -> tirx.PrimFunc:
+    """A conv layer over unfolded patches: ``y[b, n, p] = act(bias[n] + sum_k W[n, k] *
+    cols[b, k, p])`` for ``positions`` output positions p (``cols`` is im2col transposed, so
+    ``y`` is already NCHW). Operands as ``spec.operand_types()``, dense or grouped-sparse."""
+    with IRBuilder() as builder:
+        with T.prim_func(private=True):
+            T.func_attr({"tir.noalias": True})
+            batch = tirx.Var("batch", "int64")
+            cols = T.arg("cols", T.buffer((batch, spec.k, positions), F32))
+            operands = [T.arg(name, T.buffer(shape, dtype)) for name, shape, dtype in spec.operand_types()]
+            y = T.arg("y", T.buffer((batch, spec.n, positions), F32))
+            _emit_patches(spec, cols, operands, y, batch, positions)
+    return builder.get()
