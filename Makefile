@@ -29,6 +29,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_kernels.py
 	$(PY) benchmarks/bench_models.py
+	$(PY) benchmarks/bench_targets.py
 
 # about 20 minutes: trains, prunes and fine-tunes LeNet-300-100 and LeNet-5 in TVM
 bench-accuracy: $(STAMP)
