@@ -20,8 +20,7 @@ from tvm_scalpel import schedules
 from tvm_scalpel.targets import resolve_target
 
 from .conv_layers import ConvLayer, find_conv_layers
-from .dense_layers import emit_in_place_of
-from .rewrite_dense_layers import KernelLowering, LayerDecision, Mode
+from .rewrite_dense_layers import KernelLowering, LayerDecision, LayerRewriter, Mode
 
 log = logging.getLogger("tvm_scalpel.passes")
 
@@ -47,20 +46,11 @@ def im2col(data: te.Tensor, layer: ConvLayer) -> te.Tensor:
     return te.compute((data.shape[0], channels, kh, kw, oh, ow), value, name="im2col")
 
 
-@relax.expr_functor.mutator
-class _ConvRewriter(relax.expr_functor.PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, lowering: KernelLowering) -> None:
-        super().__init__(mod)
-        self.lowering = lowering
-        self.plan: dict = {}  # output var -> (layer, sparse matrix or None)
+def _lower_conv(lowering: KernelLowering):
+    """``lower(builder, layer, data, sparse)`` for ``LayerRewriter``: im2col, the patch kernel,
+    and a free reshape of its ``[B, O, OH*OW]`` result to NCHW."""
 
-    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
-        planned = self.plan.get(binding.var)
-        if planned is None:
-            return super().visit_var_binding_(binding)
-        layer, sparse = planned
-        bb = self.builder_
-        data = self.visit_expr(layer.data)
+    def lower(bb: relax.BlockBuilder, layer: ConvLayer, data: relax.Expr, sparse) -> relax.Expr:
         batch, _, height, width = data.ty.shape.values
         oh, ow = layer.output_size(int(height), int(width))
         n, k = layer.shape
@@ -68,13 +58,14 @@ class _ConvRewriter(relax.expr_functor.PyExprMutator):
         patches = bb.emit_te(lambda x: im2col(x, layer), data, primfunc_name_hint="scalpel_im2col")
         cols = bb.emit(relax.op.reshape(patches, relax.ShapeExpr([batch, k, positions])))
         knobs = schedules.CpuKnobs(parallel_gemm=n * k * positions >= schedules.PARALLEL_MIN_MACS)
-        spec, name, operands = self.lowering.operands(layer, sparse, knobs)
-        kernel = bb.add_func(schedules.patch_kernel(self.lowering.profile, spec, positions),
+        spec, name, operands = lowering.operands(layer, sparse, knobs)
+        kernel = bb.add_func(schedules.patch_kernel(lowering.profile, spec, positions),
                              name.replace("_dense_", "_conv_", 1))
         out = bb.emit(relax.call_tir(kernel, [cols] + [relax.const(a) for a in operands],
                                      out_ty=relax.TensorType((batch, n, positions), "float32")))
-        nchw = relax.op.reshape(out, relax.ShapeExpr([batch, n, oh, ow]))
-        self.set_var_remap(binding.var, emit_in_place_of(bb, binding.var, nchw))
+        return relax.op.reshape(out, relax.ShapeExpr([batch, n, oh, ow]))
+
+    return lower
 
 
 @tvm.transform.module_pass(opt_level=0, name="RewriteConvLayers")
@@ -108,19 +99,16 @@ class RewriteConvLayers:
         if not schedules.supports_dense(self.profile):
             return mod
         lowering = KernelLowering(self.profile, self.mode, self.knobs_for)
-        rewriter = _ConvRewriter(mod, lowering)
-        for gv, func in mod.functions_items():
-            if not isinstance(func, relax.Function):
-                continue
-            rewriter.plan = {}
+
+        def plan_of(func: relax.Function) -> dict:
+            plan = {}
             for layer in find_conv_layers(func):
                 decision, sparse = lowering.decide(layer, kind="conv")
-                rewriter.plan[layer.output] = (layer, sparse)
+                plan[layer.output] = (layer, sparse)
                 if self.report is not None:
                     self.report.append(decision)
                 log.info("conv layer %s %s -> %s (g=%d, density %.3f)", decision.name,
                          decision.shape, decision.kernel, decision.group_width, decision.density)
-            if rewriter.plan:
-                new_func = rewriter.visit_expr(func)
-                rewriter.builder_.update_func(gv, relax.analysis.remove_all_unused(new_func))
-        return rewriter.builder_.finalize()
+            return plan
+
+        return LayerRewriter(mod, _lower_conv(lowering)).rewrite(mod, plan_of)

@@ -142,10 +142,13 @@ def tensor_batch(data: relax.Expr):
 
 
 @relax.expr_functor.mutator
-class _LayerRewriter(relax.expr_functor.PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, lowering: KernelLowering) -> None:
+class LayerRewriter(relax.expr_functor.PyExprMutator):
+    """Replaces the binding of each planned layer's output by what ``lower(builder, layer,
+    data, sparse)`` emits; the bindings the layer absorbed become unused."""
+
+    def __init__(self, mod: tvm.IRModule, lower) -> None:
         super().__init__(mod)
-        self.lowering = lowering
+        self.lower = lower
         self.plan: dict = {}  # output var -> (layer, sparse matrix or None)
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
@@ -153,8 +156,19 @@ class _LayerRewriter(relax.expr_functor.PyExprMutator):
         if planned is None:
             return super().visit_var_binding_(binding)
         layer, sparse = planned
-        call = self.lowering.call(self.builder_, layer, self.visit_expr(layer.data), sparse)
-        self.set_var_remap(binding.var, emit_in_place_of(self.builder_, binding.var, call))
+        value = self.lower(self.builder_, layer, self.visit_expr(layer.data), sparse)
+        self.set_var_remap(binding.var, emit_in_place_of(self.builder_, binding.var, value))
+
+    def rewrite(self, mod: tvm.IRModule, plan_of) -> tvm.IRModule:
+        """Rewrite every Relax function of ``mod`` by the plan ``plan_of(func)`` makes for it."""
+        for gv, func in mod.functions_items():
+            if not isinstance(func, relax.Function):
+                continue
+            self.plan = plan_of(func)
+            if self.plan:
+                new_func = self.visit_expr(func)
+                self.builder_.update_func(gv, relax.analysis.remove_all_unused(new_func))
+        return self.builder_.finalize()
 
 
 @tvm.transform.module_pass(opt_level=0, name="RewriteDenseLayers")
@@ -198,22 +212,19 @@ class RewriteDenseLayers:
                         self.profile.kind)
             return mod
         lowering = KernelLowering(self.profile, self.mode, self.knobs_for, self.dense_kernel_for)
-        rewriter = _LayerRewriter(mod, lowering)
-        for gv, func in mod.functions_items():
-            if not isinstance(func, relax.Function):
-                continue
-            rewriter.plan = {}
+
+        def plan_of(func: relax.Function) -> dict:
+            plan = {}
             for layer in find_dense_layers(func):
                 decision, sparse = lowering.decide(layer)
                 if sparse is None and not schedules.supports_dense(self.profile):
                     decision.kernel = f"dense (TVM's {self.profile.kind} pipeline)"
                 else:
-                    rewriter.plan[layer.output] = (layer, sparse)
+                    plan[layer.output] = (layer, sparse)
                 if self.report is not None:
                     self.report.append(decision)
                 log.info("layer %s %s -> %s (g=%d, density %.3f)", decision.name,
                          decision.shape, decision.kernel, decision.group_width, decision.density)
-            if rewriter.plan:
-                new_func = rewriter.visit_expr(func)
-                rewriter.builder_.update_func(gv, relax.analysis.remove_all_unused(new_func))
-        return rewriter.builder_.finalize()
+            return plan
+
+        return LayerRewriter(mod, lowering.call).rewrite(mod, plan_of)
