@@ -110,9 +110,11 @@ def test_cli_tune_then_prune_auto(tmp_path):
     db = tmp_path / "db.jsonl"
     first = run_cli("tune", str(model_path), "--db", str(db), "--rate", "0.75", "--trials", "7", "--quiet")
     assert first.returncode == 0, first.stderr
-    assert "fc1.weight" in first.stdout and "14 new measurements" in first.stdout
+    # 7 grouped-sparse candidates a layer and our dense kernel once a layer, 2 layers
+    assert "fc1.weight" in first.stdout and "16 new measurements" in first.stdout
     records = [json.loads(line) for line in db.read_text().splitlines()]
-    assert len(records) == 14 and all(r["seconds"] > 0 for r in records)
+    assert len(records) == 16 and all(r["seconds"] > 0 for r in records)
+    assert sum("candidate" in r for r in records) == 14
     second = run_cli("tune", str(model_path), "--db", str(db), "--rate", "0.75", "--trials", "7", "--quiet")
     assert second.returncode == 0 and "0 new measurements" in second.stdout
     out = tmp_path / "p.onnx"
