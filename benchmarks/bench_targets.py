@@ -228,11 +228,16 @@ def run_aarch64(spec: ModelSpec, args, server: str | None, why_not: str | None, 
             with tempfile.TemporaryDirectory() as tmp:
                 lib = Path(tmp) / f"{spec.key}_{v.key}.so"
                 export_library(built.executable, lib, resolve_target("aarch64"))
-                out = run_remote(server, lib, x)
+                if args.rpc:  # a real board: its times are speed figures
+                    out, seconds = run_remote(server, lib, x, min_repeat_ms=int(args.min_repeat_ms))
+                    r.native_us[1] = seconds * 1e6
+                else:
+                    out = run_remote(server, lib, x)
             r.error = rel_max_error(out, ort_run(ort_session(v.model, 1), x))
             if r.error > common.REL_TOL:
                 raise common.AccuracyError(f"{spec.title} {v.key} on aarch64: rel. error {r.error:.1e}")
-            r.status = "ran under qemu-aarch64 through TVM RPC"
+            r.status = (f"ran on the RPC server {args.rpc}, batch 1: {fmt_us(r.native_us[1])} us"
+                        if args.rpc else "ran under qemu-aarch64 through TVM RPC")
         results.append(r)
         bar.update(1)
     return results
@@ -283,7 +288,12 @@ def other_table(results: list[Result]) -> str:
     rows = [[r.variant.label, r.variant.how,
              f"{fmt_bytes(r.weight_bytes)} ({r.weight_bytes / dense.weight_bytes:.2f}x)",
              "–" if r.error is None else f"{r.error:.1e}", r.status, r.kernels] for r in results]
-    return markdown_table(["model", "pruning", "weight bytes", "max rel. error", "run", "kernels"], rows)
+    headers = ["model", "pruning", "weight bytes", "max rel. error", "run", "kernels"]
+    if all(1 in r.native_us for r in results):  # timed on a real board (--rpc)
+        headers.insert(2, "batch 1: rel. to dense TVM")
+        for row, r in zip(rows, results):
+            row.insert(2, f"**{r.native_us[1] / dense.native_us[1]:.2f}**")
+    return markdown_table(headers, rows)
 
 
 def write_report(args, info, sections: list[tuple[ModelSpec, str, list[Result], dict]], elapsed: float) -> str:
@@ -372,6 +382,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", choices=[s.key for s in SPECS], default=[s.key for s in SPECS])
     parser.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rpc", default=None, metavar="ADDRESS",
+                        help="an aarch64 board's TVM RPC server (HOST:PORT or "
+                             "tracker://HOST:PORT/KEY): run and time the aarch64 models there "
+                             "instead of under qemu (whose time is not a speed figure)")
     common.add_timing_args(parser, repeat=7, min_repeat_ms=40.0)
     args = parser.parse_args(argv)
     if args.quick:
@@ -393,7 +407,9 @@ def main(argv=None) -> int:
     with ExitStack() as stack, logging_redirect_tqdm(), \
             tqdm(total=3 * len(specs) * len(args.targets), desc="targets", unit="model") as bar:
         server = why_not = None
-        if "aarch64" in args.targets:
+        if "aarch64" in args.targets and args.rpc:
+            server = args.rpc
+        elif "aarch64" in args.targets:
             why_not = arm_ready()
             if why_not is None:
                 server = stack.enter_context(qemu_rpc_server())

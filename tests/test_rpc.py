@@ -62,6 +62,15 @@ def test_run_remote_matches_onnxruntime(rpc_env, rng, via):
     assert rel_err(np.load(d / f"y_{via}.npy"), ort_run(rpc_env["model"], x)) < 1e-4
 
 
+def test_run_remote_times_the_model_on_the_server(rpc_env, rng):
+    from tvm_scalpel.remote import run_remote
+
+    x = rng.standard_normal((2, 40)).astype(np.float32)
+    out, seconds = run_remote(rpc_env["server"], rpc_env["dir"] / "m.so", x, min_repeat_ms=5)
+    assert rel_err(out, ort_run(rpc_env["model"], x)) < 1e-4
+    assert 0 < seconds < 1e-2
+
+
 def test_tune_over_rpc_fills_the_database(rpc_env):
     d = rpc_env["dir"]
     db = d / "db.jsonl"

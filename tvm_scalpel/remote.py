@@ -61,9 +61,11 @@ def upload_library(session, path: str | os.PathLike):
 
 
 def run_remote(spec: str, library: str | os.PathLike, x: np.ndarray,
-               timeout: int = SESSION_TIMEOUT_S) -> np.ndarray:
+               timeout: int = SESSION_TIMEOUT_S, min_repeat_ms: int | None = None):
     """Run a compiled model (``tvm-scalpel compile``) on the RPC server; the server ends the
-    session after ``timeout`` seconds."""
+    session after ``timeout`` seconds. With ``min_repeat_ms``, also time it there (the VM's
+    ``invoke_stateful`` in TVM's evaluator, median of 5 runs of at least that long) and return
+    ``(output, seconds per call)``."""
     from tvm import relax, runtime
 
     session = connect(spec, timeout)
@@ -71,7 +73,13 @@ def run_remote(spec: str, library: str | os.PathLike, x: np.ndarray,
     try:
         dev = session.cpu()
         vm = relax.VirtualMachine(lib, dev)
-        return vm["main"](runtime.tensor(np.ascontiguousarray(x), dev)).numpy()
+        xt = runtime.tensor(np.ascontiguousarray(x), dev)
+        out = vm["main"](xt).numpy()
+        if min_repeat_ms is None:
+            return out
+        vm.set_input("main", xt)
+        timer = vm.time_evaluator("invoke_stateful", dev, number=10, repeat=5, min_repeat_ms=min_repeat_ms)
+        return out, float(np.median(timer("main").results))
     except Exception as err:
         raise ScalpelError(f"running on the RPC server {spec} failed: {_last_line(err)}") from None
 
