@@ -67,3 +67,28 @@ def test_dense_trials_need_the_host(tmp_path):
                   "--rpc", "127.0.0.1:1", "--dense-trials", "2")
     assert res.returncode != 0 and "meta_schedule" in res.stderr
     assert not (tmp_path / "db").exists()
+
+
+def test_unreadable_meta_schedule_database_falls_back_to_our_kernel(tmp_path, caplog, rng):
+    import logging
+
+    profile = resolve_target("x86")
+    model = models.mlp([64, 24], seed=3)
+    db = TuningDatabase(tmp_path / "db.jsonl")
+    db.add_dense(profile, 24, 64, 2, "meta_schedule", 1e-9)  # says meta_schedule won
+    ms_dir = tmp_path / "db.jsonl.ms"
+    ms_dir.mkdir()
+    (ms_dir / "database_tuning_record.json").write_text("{not json\n")
+    (ms_dir / "database_workload.json").write_text("[[[\n")
+    with caplog.at_level(logging.WARNING):
+        built = compile_onnx(model, "x86", tuning_db=tmp_path / "db.jsonl", batch=2)
+    assert [d.kernel for d in built.layers] == ["dense"]
+    assert any("unreadable" in r.getMessage() for r in caplog.records)
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    assert rel_err(vm_run(built.executable, x), ort_run(model, x)) < 1e-5
+    # tuning into it is a one-line error, and our own database keeps what it measured
+    save_onnx(model, tmp_path / "m.onnx")
+    res = run_cli("tune", str(tmp_path / "m.onnx"), "--db", str(tmp_path / "db.jsonl"), "--rate", "0",
+                  "--dense-trials", "2", "--batch", "1")
+    assert res.returncode == 2 and "unreadable" in res.stderr and "Traceback" not in res.stderr
+    assert TuningDatabase(tmp_path / "db.jsonl").dense_times(profile, 24, 64, 1).keys() == {"ours"}

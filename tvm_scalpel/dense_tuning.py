@@ -65,8 +65,12 @@ def tuned_dense_kernel(profile: TargetProfile, batch: int, n: int, k: int,
     work_dir = Path(work_dir)
     if not (work_dir / "database_tuning_record.json").exists():
         return None
-    mod = workload(batch, n, k)
-    sch = ms.tir_integration.compile_tir(_database(work_dir), mod, _ms_target(profile))
+    try:
+        sch = ms.tir_integration.compile_tir(_database(work_dir), workload(batch, n, k), _ms_target(profile))
+    except Exception as err:  # an unreadable database: fall back to our kernel, do not crash
+        log.warning("%s: meta_schedule database unreadable (%s): our dense kernel for %dx%d",
+                    work_dir, str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__, n, k)
+        return None
     if sch is None:
         return None
     return sch.mod["main"].without_attr("global_symbol").with_attr("tirx.is_scheduled", True)
@@ -102,8 +106,13 @@ def tune_dense(profile: TargetProfile, batch: int, n: int, k: int, trials: int,
     if quiet:
         ms_log.setLevel(logging.WARNING)
     try:
+        try:
+            database = _database(work_dir)
+        except Exception:
+            raise ScalpelError(f"{work_dir}: meta_schedule's database is unreadable; move it away "
+                               "to tune again") from None
         ms.tune_tir(mod, target, str(work_dir), max_trials_global=trials,
-                    num_trials_per_iter=min(trials, 16), database=_database(work_dir))
+                    num_trials_per_iter=min(trials, 16), database=database)
     finally:
         ms_log.setLevel(level)
     tuned = tuned_dense_kernel(profile, batch, n, k, work_dir)
