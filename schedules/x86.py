@@ -302,55 +302,72 @@ def dense_kernel(
 # Convolutions over unfolded patches: vectorized along output positions.
 
 PATCH_VECTORS = 4  # accumulator vectors per block of output positions (hides FMA latency)
+PATCH_ROWS = 2  # output channels per block of a dense weight: each loaded input vector feeds 4 FMAs
 
 
-def _patch_block(spec: LayerSpec, cols, operands, acc, b, o, p0, vectors: int, width: int) -> None:
-    """``acc[v, :width] += sum_k W[o, k] * cols[b, k, p0 + v*width + :width]``: each weight is
-    one scalar broadcast into ``vectors`` FMAs, with no lane sum (unlike the GEMV/GEMM paths)."""
+def _patch_block(spec: LayerSpec, cols, operands, acc, b, o, rows: int, p0, vectors: int,
+                 width: int) -> None:
+    """``acc[r*vectors + v, :width] += sum_k W[o + r, k] * cols[b, k, p0 + v*width + :width]``
+    for ``r < rows``: each weight is one scalar broadcast into FMAs, with no lane sum (unlike
+    the GEMV/GEMM paths); with several rows (dense weights) each input vector loaded is used
+    ``rows`` times."""
 
-    def fma(w, k) -> None:
+    def fma(weights, k) -> None:
         for v in range(vectors):
-            with T.vectorized(0, width) as lane:
-                _store(acc, acc[v, lane] + w * cols[b, k, p0 + v * width + lane], v, lane)
+            for r, w in enumerate(weights):
+                with T.vectorized(0, width) as lane:
+                    a = r * vectors + v
+                    _store(acc, acc[a, lane] + w * cols[b, k, p0 + v * width + lane], a, lane)
 
     if spec.sparse:
         values, offsets, indptr = operands[:3]
         with T.serial(indptr[o], indptr[o + 1]) as grp:
             for j in range(spec.group_width):  # zero-padded lanes of a tail group add 0
-                fma(values[grp, j], offsets[grp] + j)
+                fma([values[grp, j]], offsets[grp] + j)
     else:
         with T.serial(0, spec.k) as k:
-            fma(operands[0][o, k], k)
+            fma([operands[0][o + r, k] for r in range(rows)], k)
 
 
-def _emit_patches(spec: LayerSpec, cols, operands, y, batch, positions: int) -> None:
+def _patch_rows(spec: LayerSpec, cols, operands, y, b, o, rows: int, positions: int) -> None:
+    """Output channels ``o .. o+rows-1`` of image ``b``, all positions."""
     lanes, bias = spec.lanes, operands[-1]
     block = lanes * PATCH_VECTORS
-    # (first position, vectors, lanes) of each kind of block: full blocks, leftover vectors,
-    # leftover scalars
+    # (first position, count, vectors, lanes) of each kind of block: full blocks, leftover
+    # vectors, leftover scalars
     spans = [(0, positions // block, PATCH_VECTORS, lanes)]
     start = positions // block * block
     spans.append((start, (positions - start) // lanes, 1, lanes))
     start += (positions - start) // lanes * lanes
     spans.append((start, positions - start, 1, 1))
+    acc = T.alloc_buffer((rows * PATCH_VECTORS, lanes), F32, scope="global")
+    for first, count, vectors, width in spans:
+        if count == 0:
+            continue
+        with T.serial(0, count) as q:
+            p0 = first + q * (vectors * width)
+            for r in range(rows):
+                for v in range(vectors):
+                    with T.vectorized(0, width) as lane:
+                        _store(acc, bias[o + r], r * vectors + v, lane)
+            _patch_block(spec, cols, operands, acc, b, o, rows, p0, vectors, width)
+            for r in range(rows):
+                for v in range(vectors):
+                    with T.vectorized(0, width) as lane:
+                        value = acc[r * vectors + v, lane]
+                        if spec.relu:
+                            value = tirx.max(value, tirx.const(0, F32))
+                        _store(y, value, b, o + r, p0 + v * width + lane)
+
+
+def _emit_patches(spec: LayerSpec, cols, operands, y, batch, positions: int) -> None:
+    rows = 1 if spec.sparse else PATCH_ROWS  # sparse rows differ in their kept groups
     with T.serial(0, batch) as b:
-        with _rows(spec.n, spec.knobs.parallel_gemm) as o:
-            acc = T.alloc_buffer((PATCH_VECTORS, lanes), F32, scope="global")
-            for first, count, vectors, width in spans:
-                if count == 0:
-                    continue
-                with T.serial(0, count) as q:
-                    p0 = first + q * (vectors * width)
-                    for v in range(vectors):
-                        with T.vectorized(0, width) as lane:
-                            _store(acc, bias[o], v, lane)
-                    _patch_block(spec, cols, operands, acc, b, o, p0, vectors, width)
-                    for v in range(vectors):
-                        with T.vectorized(0, width) as lane:
-                            value = acc[v, lane]
-                            if spec.relu:
-                                value = tirx.max(value, tirx.const(0, F32))
-                            _store(y, value, b, o, p0 + v * width + lane)
+        with _rows(spec.n // rows, spec.knobs.parallel_gemm) as ro:
+            _patch_rows(spec, cols, operands, y, b, ro * rows, rows, positions)
+        if spec.n % rows:
+            with T.serial(spec.n // rows * rows, spec.n) as o:
+                _patch_rows(spec, cols, operands, y, b, o, 1, positions)
 
 
 def patch_kernel(spec: LayerSpec, positions: int) -> tirx.PrimFunc:
