@@ -35,12 +35,12 @@ class PrunedLayer:
     original: np.ndarray  # W[N, K] before
     pruned: np.ndarray  # W[N, K] after
     kind: str = "fc"  # "fc" or "conv"
-    rows: int = 1  # kernel input rows per image: 1, or a conv layer's OH*OW patches
+    positions: int | None = None  # a conv layer's OH*OW output positions (its patch kernel's)
 
 
-def _rows_per_image(layer) -> int:
+def _positions(layer) -> int | None:
     if not hasattr(layer, "output_size"):
-        return 1
+        return None
     _, _, height, width = layer.data.ty.shape.values
     oh, ow = layer.output_size(int(height), int(width))
     return oh * ow
@@ -137,7 +137,7 @@ class PruneWeightGroups:
                             original=layer.weight,
                             pruned=result.weight,
                             kind=self.layers,
-                            rows=_rows_per_image(layer),
+                            positions=_positions(layer),
                         )
                     )
         if not replace:

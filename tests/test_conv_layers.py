@@ -95,7 +95,7 @@ def test_conv_weight_pruning_groups_the_unfolded_kernel(rng, g):
     assert [layer.shape for layer in conv] == [(20, 25), (50, 500)]
     assert [outcome.weight_name(i) for i, layer in enumerate(outcome.layers) if layer.kind == "conv"] == [
         "conv1.weight", "conv2.weight"]
-    assert [layer.rows for layer in conv] == [24 * 24, 8 * 8]
+    assert [layer.positions for layer in conv] == [24 * 24, 8 * 8]
     weights = {i.name: numpy_helper.to_array(i) for i in outcome.model.graph.initializer}
     for name in ("conv1.weight", "conv2.weight"):
         kernel = weights[name]
@@ -139,3 +139,25 @@ def test_cli_rules_prune_conv_weights_on_a_microcontroller(tmp_path, rng):
     x = rng.standard_normal((2, 1, 28, 28)).astype(np.float32)
     pruned = onnx.load(str(out))
     assert rel_err(vm_run(compile_onnx(pruned, "x86").executable, x), ort_run(pruned, x)) < 1e-5
+
+
+def test_measured_policy_times_conv_layers_on_the_patch_kernel():
+    from tvm_scalpel import resolve_target
+    from tvm_scalpel.format import GroupedSparseMatrix
+    from tvm_scalpel.policy import keep_where_sparse_pays
+    from tvm_scalpel.tuning import time_layer
+
+    host = resolve_target("x86")
+    outcome = prune_onnx(models.lenet5(seed=6), 0.0, host, group_width=4, conv_rate=0.6)
+    outcome.layers = [layer for layer in outcome.layers if layer.kind == "conv"]
+    seen = []
+
+    def timed(w, positions):
+        seen.append(positions)
+        return time_layer(host, w, positions=positions, min_repeat_ms=1)
+
+    measured = keep_where_sparse_pays(outcome, host, timed)
+    assert seen == [576, 576, 64, 64]
+    assert all(m.dense_us > 0 and m.sparse_us > 0 for m in measured)
+    sparse = GroupedSparseMatrix.from_dense(outcome.layers[1].pruned, 4)
+    assert time_layer(host, sparse, positions=64, min_repeat_ms=1) > 0

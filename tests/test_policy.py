@@ -73,8 +73,8 @@ def test_measured_policy_undoes_pruning_where_dense_is_faster(tmp_path, rng):
     outcome = prune_onnx(model, 0.6, host, 8)
     first = outcome.layers[0].original
 
-    def fake_time(w, rows):  # sparse pays on every layer but the first
-        assert rows == 1  # FC layers: one input row per image
+    def fake_time(w, positions):  # sparse pays on every layer but the first
+        assert positions is None  # FC layers: no patch positions
         if isinstance(w, GroupedSparseMatrix):
             return 2.0 if np.array_equal(w.to_dense() != 0, outcome.layers[0].pruned != 0) else 0.5
         return 1.0

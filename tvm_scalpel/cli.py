@@ -253,8 +253,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def _tune_layer(args, task, profile, db, sparse_trials: int, measure_fn, bar) -> tuple[list, int]:
     """Tune one layer: grouped-sparse candidates, our dense kernel, and (``--dense-trials``)
     meta_schedule where the layer stays dense. Returns its table row and new measurements."""
-    from functools import partial
-
     import numpy as np
 
     from .tuning import time_layer, tune_task
@@ -268,8 +266,7 @@ def _tune_layer(args, task, profile, db, sparse_trials: int, measure_fn, bar) ->
     dense = db.dense_times(profile, task.n, task.k, task.batch)
     if "ours" not in dense:
         w = np.random.default_rng(0).standard_normal((task.n, task.k)).astype(np.float32)
-        timer = partial(time_layer, rpc=args.rpc) if args.rpc else time_layer
-        db.add_dense(profile, task.n, task.k, task.batch, "ours", timer(profile, w, task.batch))
+        db.add_dense(profile, task.n, task.k, task.batch, "ours", time_layer(profile, w, task.batch, rpc=args.rpc))
         new += 1
     bar.update(1)
     stays_dense = secs is None or secs >= db.dense_times(profile, task.n, task.k, task.batch)["ours"]

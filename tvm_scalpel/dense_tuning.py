@@ -76,14 +76,12 @@ def tuned_dense_kernel(profile: TargetProfile, batch: int, n: int, k: int,
     return sch.mod["main"].without_attr("global_symbol").with_attr("tirx.is_scheduled", True)
 
 
-def _time(profile: TargetProfile, func: tvm.tirx.PrimFunc, batch: int, n: int, k: int,
-          min_repeat_ms: int = 20) -> float:
-    exe = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=profile.target)
+def _time(profile: TargetProfile, func: tvm.tirx.PrimFunc, batch: int, n: int, k: int) -> float:
+    from .tuning import time_kernel
+
     rng = np.random.default_rng(0)
     arrays = [rng.standard_normal(s).astype(np.float32) for s in ((batch, k), (n, k), (n,))]
-    args = [tvm.runtime.tensor(a) for a in arrays + [np.zeros((batch, n), np.float32)]]
-    timer = exe.mod.time_evaluator("main", tvm.cpu(), number=10, repeat=5, min_repeat_ms=min_repeat_ms)
-    return float(np.median(timer(*args).results))
+    return time_kernel(profile, func, arrays + [np.zeros((batch, n), np.float32)])
 
 
 def tune_dense(profile: TargetProfile, batch: int, n: int, k: int, trials: int,

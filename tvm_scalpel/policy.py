@@ -76,19 +76,19 @@ class MeasuredLayer:
 def keep_where_sparse_pays(outcome, profile: TargetProfile, time_fn=None,
                            rpc: str | None = None) -> list[MeasuredLayer]:
     """The measured mode of the policy: time each weight-pruned layer's grouped-sparse kernel
-    against our dense kernel on this machine (or on the RPC server ``rpc``), and give back its dense weights (in
-    ``outcome.model``) wherever sparse does not pay. The paper found sparse FC layers breaking
+    against our dense kernel on this machine (or on the RPC server ``rpc``), and give back its
+    dense weights (in ``outcome.model``) wherever sparse does not pay. The paper found sparse FC layers breaking
     even only near 84% pruning on its CPU, and sparse CONV layers hardly ever."""
     from .format import GroupedSparseMatrix
     from .onnx_io import replace_weights
     from .tuning import time_layer
 
-    time_fn = time_fn or (lambda w, rows: time_layer(profile, w, batch=rows, rpc=rpc))
+    time_fn = time_fn or (lambda w, positions: time_layer(profile, w, rpc=rpc, positions=positions))
     results, undo = [], []
     for position, layer in enumerate(outcome.layers):
-        # a conv layer runs as a dense layer over its OH*OW patch rows: time it so
-        dense = time_fn(layer.original, layer.rows)
-        sparse = time_fn(GroupedSparseMatrix.from_dense(layer.pruned, layer.group_width), layer.rows)
+        # a conv layer runs on the patch kernel over its output positions: time it there
+        dense = time_fn(layer.original, layer.positions)
+        sparse = time_fn(GroupedSparseMatrix.from_dense(layer.pruned, layer.group_width), layer.positions)
         name = outcome.weight_name(position)
         results.append(MeasuredLayer(name, dense * 1e6, sparse * 1e6))
         if not results[-1].pays:

@@ -179,12 +179,29 @@ def measure(task: Task, candidate: Candidate, profile: TargetProfile, seed: int 
     return time_layer(profile, m, task.batch, candidate.knobs(), seed, min_repeat_ms, rpc)
 
 
-def time_layer(profile: TargetProfile, weight, batch: int = 1, knobs=None, seed: int = 0,
-               min_repeat_ms: int = 20, rpc: str | None = None) -> float:
-    """Seconds per call of our kernel for one layer, here or on the RPC server ``rpc``: the
-    grouped-sparse kernel for a ``GroupedSparseMatrix``, the dense kernel for ``W[N, K]``."""
+def time_kernel(profile: TargetProfile, func, arrays: list[np.ndarray], min_repeat_ms: int = 20,
+                rpc: str | None = None) -> float:
+    """Seconds per call of the PrimFunc ``func`` on ``arrays`` (median of 5 runs of at least
+    ``min_repeat_ms``), here or on the RPC server ``rpc``."""
     import tvm
 
+    exe = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=profile.target)
+    if rpc is not None:
+        from .api import cross_linker
+        from .remote import time_remote
+
+        return time_remote(rpc, exe, arrays, cross_linker(profile), min_repeat_ms)
+    dev = tvm.cpu()
+    args = [tvm.runtime.tensor(a, dev) for a in arrays]
+    timer = exe.mod.time_evaluator("main", dev, number=10, repeat=5, min_repeat_ms=min_repeat_ms)
+    return float(np.median(timer(*args).results))
+
+
+def time_layer(profile: TargetProfile, weight, batch: int = 1, knobs=None, seed: int = 0,
+               min_repeat_ms: int = 20, rpc: str | None = None, positions: int | None = None) -> float:
+    """Seconds per call of our kernel for one layer, here or on the RPC server ``rpc``: the
+    grouped-sparse kernel for a ``GroupedSparseMatrix``, the dense kernel for ``W[N, K]``;
+    with ``positions``, the conv layers' patch kernel over that many output positions."""
     from . import schedules
     from .format import GroupedSparseMatrix
 
@@ -196,19 +213,14 @@ def time_layer(profile: TargetProfile, weight, batch: int = 1, knobs=None, seed:
         n, k = weight.shape
         spec = schedules.layer_spec(profile, n, k, True, knobs=knobs)
         operands = [np.ascontiguousarray(weight, dtype=np.float32)]
-    func = schedules.kernel(profile, [spec]).with_attr("global_symbol", "main")
-    exe = tvm.compile(tvm.IRModule({"main": func}), target=profile.target)
-    x = np.random.default_rng(seed).standard_normal((batch, k)).astype(np.float32)
-    arrays = [x, *operands, np.zeros(n, np.float32), np.zeros((batch, n), np.float32)]
-    if rpc is not None:
-        from .api import cross_linker
-        from .remote import time_remote
-
-        return time_remote(rpc, exe, arrays, cross_linker(profile), min_repeat_ms)
-    dev = tvm.cpu()
-    args = [tvm.runtime.tensor(a, dev) for a in arrays]
-    timer = exe.mod.time_evaluator("main", dev, number=10, repeat=5, min_repeat_ms=min_repeat_ms)
-    return float(np.median(timer(*args).results))
+    if positions is None:
+        func, x_shape, y_shape = schedules.kernel(profile, [spec]), (batch, k), (batch, n)
+    else:
+        func = schedules.patch_kernel(profile, spec, positions)
+        x_shape, y_shape = (batch, k, positions), (batch, n, positions)
+    x = np.random.default_rng(seed).standard_normal(x_shape).astype(np.float32)
+    arrays = [x, *operands, np.zeros(n, np.float32), np.zeros(y_shape, np.float32)]
+    return time_kernel(profile, func, arrays, min_repeat_ms, rpc)
 
 
 def _rank(measured: dict[Candidate, float], todo: list[Candidate], task: Task, seed: int) -> list[Candidate]:
