@@ -36,6 +36,7 @@ class PrunedLayer:
     pruned: np.ndarray  # W[N, K] after
     kind: str = "fc"  # "fc" or "conv"
     positions: int | None = None  # a conv layer's OH*OW output positions (its patch kernel's)
+    rate_asked: float | None = None  # the rate asked for; above ``rate`` when it was capped
 
 
 def _positions(layer) -> int | None:
@@ -70,7 +71,8 @@ class PruneWeightGroups:
     Parameters
     ----------
     rate: fraction of weights to remove per layer, in [0, 1); a mapping from layer index to
-        rate prunes only the layers it names.
+        rate prunes only the layers it names. A layer always keeps its strongest group: a rate
+        that would remove them all is capped, with one warning per layer.
     group_width: g; 1 is plain magnitude pruning; a mapping from layer index to g (autotuned
         widths) gives each layer its own, layers it does not name keep ``default_group_width``.
     importance: "rms" (default), "max" or "mean".
@@ -123,6 +125,12 @@ class PruneWeightGroups:
                 sparse = GroupedSparseMatrix.from_dense(result.weight, g)
                 op_var = layer.conv if self.layers == "conv" else layer.matmul
                 log.info("pruned %s %s: g=%d rate=%.3f", op_var.name, layer.shape, g, result.rate)
+                if result.capped:
+                    kind = "conv" if self.layers == "conv" else "dense"
+                    log.warning("%s layer %d (%dx%d, %s): pruning rate %.3f capped at %.3f so "
+                                "that the layer keeps one group of weights (its output would "
+                                "otherwise be constant)", kind, layer.index, *layer.shape,
+                                op_var.name, rate, result.rate)
                 if self.report is not None:
                     self.report.append(
                         PrunedLayer(
@@ -138,6 +146,7 @@ class PruneWeightGroups:
                             pruned=result.weight,
                             kind=self.layers,
                             positions=_positions(layer),
+                            rate_asked=rate,
                         )
                     )
         if not replace:

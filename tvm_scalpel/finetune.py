@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Mapping
 
+import numpy as np
 import onnx
 
 from .api import prune_onnx
@@ -142,6 +143,22 @@ class NodePruneResult:
         return 1.0 - sum(self.nodes_after.values()) / before if before else 0.0
 
 
+def _keep_one_node(masks: dict[str, np.ndarray], betas: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``masks`` with every all-zero mask opened on its node of largest beta: a layer without
+    nodes would leave the network's output constant (``RemoveMaskedNodes`` would keep one
+    channel multiplied by 0)."""
+    out = {}
+    for name, mask in masks.items():
+        mask = np.asarray(mask, dtype=np.float32).copy()
+        if mask.size and not mask.any():
+            keep = int(np.argmax(np.asarray(betas[name]).reshape(-1)))
+            mask.reshape(-1)[keep] = 1.0
+            log.warning("layer %s: every node's mask closed; it keeps node %d (largest beta) so "
+                        "that its output still depends on its input", name, keep)
+        out[name] = mask
+    return out
+
+
 def node_prune(model: onnx.ModelProto, rate: float | Mapping[str, float] | None = None,
                data: Dataset | None = None,
                settings: TrainSettings | None = None, mask_epochs: int = 3,
@@ -172,7 +189,7 @@ def node_prune(model: onnx.ModelProto, rate: float | Mapping[str, float] | None 
         if rate is not None:
             masks = masks_for_rate({m.name: m.beta for m in trainer.masks}, rate)
         else:
-            masks = trainer.node_masks()
+            masks = _keep_one_node(trainer.node_masks(), {m.name: m.beta for m in trainer.masks})
     elif criterion in ("l1", "l2"):
         if rate is None:
             raise ScalpelError("node pruning by weight norm needs a rate")

@@ -240,8 +240,9 @@ def weight_importance(model: onnx.ModelProto, criterion: str = "l1") -> dict[str
 def masks_for_rate(importances: Mapping[str, np.ndarray],
                    rate: float | Mapping[str, float]) -> dict[str, np.ndarray]:
     """0/1 float32 masks that switch off ``round(rate * n)`` of each layer's n nodes, the least
-    important first (the earlier node on a tie), always keeping at least one node per layer.
-    A mapping of rates masks only the layers it names."""
+    important first (the earlier node on a tie), always keeping at least one node per layer
+    (a layer whose rate would switch them all off keeps its most important one, with a
+    warning). A mapping of rates masks only the layers it names."""
     masks = {}
     for name, imp in importances.items():
         r = rate.get(name) if isinstance(rate, Mapping) else rate
@@ -251,7 +252,11 @@ def masks_for_rate(importances: Mapping[str, np.ndarray],
             raise ScalpelError(f"node pruning rate must be in [0, 1), got {r} for {name}")
         imp = np.asarray(imp, dtype=np.float64).reshape(-1)
         n = imp.size
-        k = min(int(round(float(r) * n)), n - 1)
+        asked = int(round(float(r) * n))
+        k = max(min(asked, n - 1), 0)
+        if n and asked > k:  # every node would go: the layer's output would no longer depend on its input
+            log.warning("layer %s: node pruning rate %.3f capped at %.3f so that the layer keeps "
+                        "one of its %d nodes", name, float(r), k / n, n)
         mask = np.ones(n, dtype=np.float32)
         mask[np.argsort(imp, kind="stable")[:k]] = 0.0
         masks[name] = mask

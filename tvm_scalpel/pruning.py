@@ -4,6 +4,10 @@ Weights are ``W[N, K]`` (outputs x inputs). A row is cut into groups of g consec
 along K; a group's importance is its RMS (or MAX of |w|, or MEAN of |w|) over its real weights.
 The least important groups are removed whole until the layer's pruning rate, counted in weights,
 is reached. ``g = 1`` is plain magnitude pruning (Han et al. 2015).
+
+A layer always keeps at least one group (its strongest): a rate close to 1 on a small layer
+(0.999 of a 10x100 matrix) would otherwise remove every weight and leave the layer's output a
+constant. The result then says ``capped`` and reports the rate reached.
 """
 
 from __future__ import annotations
@@ -38,10 +42,12 @@ class PruneResult:
     mask: np.ndarray  # [N, ceil(K/g)] bool, True = group kept
     threshold: float  # importance of the strongest removed group (-inf if none removed)
     rate: float  # achieved fraction of weights removed
+    capped: bool = False  # True when the rate asked would have removed every group
 
 
 def prune_groups(w: np.ndarray, g: int, rate: float, importance: str = "rms") -> PruneResult:
-    """Remove the weakest groups of ``w[N, K]`` so that ``rate`` of its weights are gone."""
+    """Remove the weakest groups of ``w[N, K]`` so that ``rate`` of its weights are gone, always
+    keeping the strongest group (``capped`` says when that stopped short of the rate)."""
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"pruning rate must be in [0, 1), got {rate}")
     if g < 1:
@@ -54,6 +60,11 @@ def prune_groups(w: np.ndarray, g: int, rate: float, importance: str = "rms") ->
     # removed[m] = weights gone when the m weakest groups are; take the m closest to the target.
     removed = np.concatenate([[0], np.cumsum(sizes[order])])
     m = int(np.argmin(np.abs(removed - rate * n * k)))
+    # Never all of them: the layer keeps its strongest group, so its output still depends on
+    # its input (a layer of one group keeps it whatever the rate).
+    most = max(order.size - 1, 0)
+    capped = m > most
+    m = min(m, most)
     mask = np.ones(n * num_group_cols(k, g), dtype=bool)
     mask[order[:m]] = False
     mask = mask.reshape(n, -1)
@@ -64,6 +75,7 @@ def prune_groups(w: np.ndarray, g: int, rate: float, importance: str = "rms") ->
         mask=mask,
         threshold=float(imp[order[m - 1]]) if m > 0 else float("-inf"),
         rate=float(removed[m] / (n * k)),
+        capped=capped,
     )
 
 
