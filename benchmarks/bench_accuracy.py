@@ -1,7 +1,8 @@
 """Accuracy that survives pruning: LeNet-300-100 and LeNet-5 on the embedded MNIST sample.
 
 Everything is trained, pruned and fine-tuned inside TVM (tvm_scalpel.training). Writes
-benchmarks/results/accuracy.md and accuracy.png.
+accuracy.md and accuracy.png to benchmarks/results/<machine class>/ (e.g. avx2/, from the
+host's target profile; quick/ below it with --quick).
 
     .venv/bin/python benchmarks/bench_accuracy.py            # full run, ~20 min on 2 cores
     .venv/bin/python benchmarks/bench_accuracy.py --quick    # smoke run, a few minutes
@@ -17,7 +18,15 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from common import command_line, machine_info, machine_markdown, markdown_table, setup_logging, write_text
+from common import (
+    command_line,
+    machine_info,
+    machine_markdown,
+    markdown_table,
+    results_dir,
+    setup_logging,
+    write_text,
+)
 from onnx import numpy_helper
 
 from tvm_scalpel import models
@@ -31,7 +40,6 @@ from tvm_scalpel.finetune import (
 )
 
 log = logging.getLogger("bench_accuracy")
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 @dataclass
@@ -76,11 +84,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few epochs: checks the script, not the claims")
     parser.add_argument("--only", choices=["lenet300", "lenet5"], default=None)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output directory (default: benchmarks/results/<machine class>)")
     parser.add_argument("--replot", action="store_true", help="only redraw the plot from accuracy.md")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
     setup_logging(args.verbose)
+    if args.out is None:
+        args.out = results_dir()
     if args.replot:
         replot(args.out / "accuracy.md", args.out / "accuracy.png")
         return 0

@@ -15,12 +15,13 @@ width (16 with AVX-512) for Scalpel, g = 1 for traditional (unstructured) prunin
 
 Dense contenders do not depend on the rate and are measured once per (layer, batch). Every
 output is checked against numpy float64 before it is timed. Results: ``kernels.md`` and
-``kernels.png`` in the output directory (``benchmarks/results`` by default).
+``kernels.png`` in the output directory (by default ``benchmarks/results/<machine class>``,
+e.g. ``avx2``, named from the host's target profile).
 
 Run: ``.venv/bin/python benchmarks/bench_kernels.py`` (about 6 minutes on 2 otherwise idle
 cores; 2 of them go to ``prune_groups(W, 1, rate)`` on fc6/fc7) or with ``--quick`` for a smoke
-run (about a minute, written to ``benchmarks/results/quick``). Timings are taken in interleaved
-rounds and rounds disturbed by other processes are replaced (see ``common.measure_rounds``).
+run (about a minute, written to ``benchmarks/results/<machine class>/quick``). Timings are taken
+in interleaved rounds and rounds disturbed by other processes are replaced (see ``common.measure_rounds``).
 """
 
 from __future__ import annotations
@@ -448,7 +449,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: fc7, fc1, fc2 at rates 0.7 and 0.9, few repeats; results go "
-                             "to benchmarks/results/quick unless --out-dir is given")
+                             "to benchmarks/results/<machine class>/quick unless --out-dir is given")
     parser.add_argument("--layers", nargs="+", choices=list(LAYERS), default=list(LAYERS))
     parser.add_argument("--rates", nargs="+", type=float, default=list(RATES))
     parser.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))

@@ -19,7 +19,7 @@ to numpy); (ii) TVM without Python — the VM's ``invoke_stateful`` in TVM's C++
 Results: ``models.md`` and ``models.png``.
 
 Run: ``.venv/bin/python benchmarks/bench_models.py`` (under a minute on 2 otherwise idle cores)
-or ``--quick`` (smoke run, written to ``benchmarks/results/quick``).
+or ``--quick`` (smoke run, written to ``benchmarks/results/<machine class>/quick``).
 """
 
 from __future__ import annotations
@@ -373,7 +373,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: rates 0.9 and 0.92, few repeats; results go to "
-                             "benchmarks/results/quick unless --out-dir is given")
+                             "benchmarks/results/<machine class>/quick unless --out-dir is given")
     parser.add_argument("--rates", nargs="+", type=float, default=list(RATES))
     parser.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
     parser.add_argument("--seed", type=int, default=0)

@@ -85,7 +85,7 @@ class ModelSpec:
 
 
 # Rates after Han et al. 2015 (LeNet-300-100: 92% of weights; LeNet-5: FC 90%/70%, CONV ~80%) and
-# the node rates of benchmarks/results/accuracy.md (trained there with masks; L1 here).
+# the node rates of benchmarks/results/avx512/accuracy.md (trained there with masks; L1 here).
 SPECS = (
     ModelSpec("lenet300", "LeNet-300-100", lambda seed: models.lenet_300_100(seed=seed), (784,),
               0.92, 0.92, 0.0, {"fc1.weight": 0.5, "fc2.weight": 0.5}),
@@ -371,7 +371,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run: few repeats, results in "
-                        "benchmarks/results/quick unless --out-dir is given")
+                        "benchmarks/results/<machine class>/quick unless --out-dir is given")
     parser.add_argument("--targets", nargs="+", choices=TARGETS, default=list(TARGETS))
     parser.add_argument("--models", nargs="+", choices=[s.key for s in SPECS], default=[s.key for s in SPECS])
     parser.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))

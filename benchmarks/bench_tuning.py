@@ -3,7 +3,7 @@ exhaustive measurement of every candidate, LeNet-300-100 on this CPU.
 
     .venv/bin/python benchmarks/bench_tuning.py      # about 2 minutes on 2 cores
 
-Writes benchmarks/results/tuning.md.
+Writes benchmarks/results/<machine class>/tuning.md (e.g. ``avx2/``).
 """
 
 from __future__ import annotations
@@ -13,25 +13,33 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import command_line, machine_info, machine_markdown, markdown_table, setup_logging, write_text
+from common import (
+    command_line,
+    machine_info,
+    machine_markdown,
+    markdown_table,
+    results_dir,
+    setup_logging,
+    write_text,
+)
 
 from tvm_scalpel import models
 from tvm_scalpel.api import dense_layer_shapes
 from tvm_scalpel.targets import resolve_target
 from tvm_scalpel.tuning import Task, TuningDatabase, candidates, tune_task
 
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rate", type=float, default=0.92)
     parser.add_argument("--trials", type=int, default=16)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output directory (default: benchmarks/results/<machine class>)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
     setup_logging(args.verbose)
     profile = resolve_target("x86")
+    if args.out is None:
+        args.out = results_dir(profile)
     shapes = dense_layer_shapes(models.lenet_300_100())
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

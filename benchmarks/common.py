@@ -30,7 +30,7 @@ log = logging.getLogger("bench")
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
-RESULTS_DIR = BENCH_DIR / "results"
+RESULTS_DIR = BENCH_DIR / "results"  # one folder per machine class below it: see results_dir
 
 # Outputs must match the float64 reference to this relative max error (max|a-b| / max|ref|).
 REL_TOL = 1e-4
@@ -397,8 +397,8 @@ def add_timing_args(parser, repeat: int = 7, min_repeat_ms: float = 40.0) -> Non
                        help="seconds the whole run may spend waiting for other processes to "
                             "leave the CPUs alone")
     parser.add_argument("--out-dir", type=Path, default=None,
-                        help="output directory; None means benchmarks/results "
-                             "(benchmarks/results/quick with --quick)")
+                        help="output directory; None means benchmarks/results/<machine "
+                             "class>, e.g. avx2 (its quick/ subfolder with --quick)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
@@ -409,7 +409,7 @@ def apply_timing_args(args) -> TimingConfig:
     NOISE.extra_rounds = max(0, args.extra_rounds)
     NOISE.budget_s = max(0.0, args.wait_budget)
     if args.out_dir is None:
-        args.out_dir = RESULTS_DIR / "quick" if args.quick else RESULTS_DIR
+        args.out_dir = results_dir(quick=args.quick)
     return TimingConfig(args.repeat, args.min_repeat_ms)
 
 
@@ -565,6 +565,32 @@ def _lscpu() -> dict[str, str]:
     return info
 
 
+# (LLVM feature, folder name), widest first. The figures of an AVX-512 host (g = 16) and an
+# AVX2 host (g = 8) differ, so each class keeps its own results and neither overwrites the other.
+MACHINE_CLASSES = (("avx512f", "avx512"), ("avx2", "avx2"), ("avx", "avx"), ("sse2", "sse2"),
+                   ("neon", "neon"))
+
+
+def machine_class(profile=None) -> str:
+    """The machine class of a target profile (default: this host's), named by its widest SIMD
+    unit: ``avx512``, ``avx2``, ... (the profile's name for a target without one of them)."""
+    from tvm_scalpel.targets import resolve_target
+
+    profile = resolve_target("x86" if profile is None else profile)
+    if profile.kind == "llvm":
+        for feature, name in MACHINE_CLASSES:
+            if tvm.target.codegen.target_has_features(feature, profile.target):
+                return name
+    return profile.name
+
+
+def results_dir(profile=None, quick: bool = False) -> Path:
+    """Where a benchmark writes by default: ``benchmarks/results/<machine class>/`` (its
+    ``quick/`` subfolder for smoke runs)."""
+    out = RESULTS_DIR / machine_class(profile)
+    return out / "quick" if quick else out
+
+
 def machine_info(profile=None) -> dict[str, str]:
     import onnxruntime
     import scipy
@@ -582,6 +608,7 @@ def machine_info(profile=None) -> dict[str, str]:
         "L2 / L3": f"{cpu.get('L2 cache', '?')} / {cpu.get('L3 cache', '?')}",
         "TVM": tvm.__version__,
         "TVM threads": str(num_threads()),
+        "machine class (results folder)": machine_class(),
         "onnxruntime": onnxruntime.__version__,
         "numpy / scipy": f"{np.__version__} / {scipy.__version__}",
         "Python": platform.python_version(),

@@ -47,7 +47,7 @@ class LayerDecision:
 
 # Cost model, in vector-FMA slots per input row. A dense layer costs N*K/simd. A grouped-sparse
 # layer costs, per kept group, ceil(g/simd) FMAs plus GROUP_OVERHEAD for reading its index and
-# forming the address. Measured on AVX-512 at batch 1 (benchmarks/results/kernels.md): g=16 beats
+# forming the address. Measured on AVX-512 at batch 1 (benchmarks/results/avx512/kernels.md): g=16 beats
 # our dense kernel from rate 0.5 on AlexNet fc6/fc7 (memory-bound, 1.9x there) and breaks even
 # near 0.5 on LeNet fc1 (L2-resident); CSR (g=1) pays only from ~0.7 on fc6 and ~0.95 on LeNet
 # fc1. With 0.5 the model sends g=16 sparse from rate 0.34 and g=1 from ~0.96: right for the
