@@ -171,7 +171,9 @@ def node_prune(model: onnx.ModelProto, rate: float | Mapping[str, float] | None 
     (beta < T). Without data (``criterion="l1"`` or ``"l2"``): the ``rate`` fraction of nodes
     with the smallest weight norm is removed. Then the nodes are removed for good
     (``remove_masked_nodes``) and, with data and ``settings.epochs``, the model is fine-tuned.
-    A mapping of rates (by layer weight name) prunes only the layers it names.
+    A mapping of rates (by layer weight name) prunes only the layers it names. Every layer
+    keeps at least one node: a rate that would remove them all is capped, and a layer whose
+    trained masks all closed keeps its node of largest beta (with a warning either way).
     """
     from .node_pruning import insert_masks, masks_for_rate, remove_masked_nodes, weight_importance
 
