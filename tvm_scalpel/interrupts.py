@@ -24,10 +24,9 @@ MESSAGE = b"tvm-scalpel: interrupted\n"
 EXIT_STATUS = 130
 GRACE_S = 3.0
 
-_lock = threading.Lock()
+_once = threading.Lock()  # taken by the first report()
 _temps: set[str] = set()  # temporary outputs being written (atomic_output)
 _count = 0
-_reported = False
 _installed = False
 
 
@@ -57,11 +56,8 @@ def is_interrupt(err: BaseException) -> bool:
 
 def report() -> None:
     """Write the one line, once (os.write: safe inside a signal handler or from a thread)."""
-    global _reported
-    with _lock:
-        if _reported:
-            return
-        _reported = True
+    if not _once.acquire(blocking=False):  # an atomic test-and-set that never waits (no deadlock
+        return                              # when a second SIGINT lands in here)
     try:
         sys.stderr.flush()
     except Exception:  # noqa: BLE001 - stderr may be mid-write in the interrupted thread
