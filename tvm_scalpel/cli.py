@@ -530,7 +530,8 @@ def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
 def _refuse_in_place(args: argparse.Namespace) -> None:
     """An output that is also an input (model, library, input array, data, tuning database)
     would destroy that input: refuse before any work."""
-    inputs = [("model", getattr(args, "model", None)), ("input array", getattr(args, "input", None)),
+    inputs = [("library" if args.command == "run" else "model", getattr(args, "model", None)),
+              ("input array", getattr(args, "input", None)),
               ("data", getattr(args, "data", None))]
     output = getattr(args, "output", None)
     if output is None and args.command == "tune":
