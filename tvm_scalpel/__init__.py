@@ -2,7 +2,8 @@
 
 Public API:
 
-* ``prune_onnx`` / ``compile_onnx`` / ``export_library`` / ``load_library``: the flows;
+* ``prune_onnx`` / ``compile_onnx`` / ``export_library`` / ``load_library`` / ``run_library``:
+  the flows;
 * ``GroupedSparseMatrix``: the grouped-sparse weight format;
 * ``prune_groups``: SIMD-aware weight pruning of one matrix;
 * ``Trainer`` (``tvm_scalpel.training``): training inside TVM; ``tvm_scalpel.finetune``: train,
@@ -17,23 +18,36 @@ from .threads import configure_threads
 
 configure_threads()  # before TVM's thread pool starts: see threads.py
 
-from .api import compile_onnx, export_library, load_library, prune_onnx  # noqa: E402
-from .errors import ScalpelError  # noqa: E402
-from .format import GroupedSparseMatrix  # noqa: E402
-from .pruning import prune_groups  # noqa: E402
-from .targets import TargetProfile, resolve_target  # noqa: E402
-
 __version__ = "0.1.0"
 
-__all__ = [
-    "GroupedSparseMatrix",
-    "ScalpelError",
-    "TargetProfile",
-    "compile_onnx",
-    "configure_threads",
-    "export_library",
-    "load_library",
-    "prune_groups",
-    "prune_onnx",
-    "resolve_target",
-]
+# The names below are imported on first use (PEP 562), not here: importing tvm_scalpel (and so
+# starting ``tvm-scalpel``, whose entry point lives in tvm_scalpel.cli) must not load TVM before
+# the command line has taken over Ctrl-C (see interrupts.py).
+_LAZY = {
+    "GroupedSparseMatrix": "format",
+    "ScalpelError": "errors",
+    "TargetProfile": "targets",
+    "compile_onnx": "api",
+    "export_library": "api",
+    "load_library": "api",
+    "prune_groups": "pruning",
+    "prune_onnx": "api",
+    "resolve_target": "targets",
+    "run_library": "api",
+}
+
+__all__ = sorted([*_LAZY, "configure_threads"])
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

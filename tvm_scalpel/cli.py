@@ -1,13 +1,16 @@
 """``tvm-scalpel``: prune, compile and run ONNX models the Scalpel way.
 
 Every user error ends as one line on stderr and exit status 2 (1 for an unexpected failure),
-never a traceback, and never with a half-written output file.
+never a traceback, and never with a half-written output file; an output that is one of the
+inputs is refused. Ctrl-C, at any moment: ``tvm-scalpel: interrupted``, exit status 130.
+Nothing heavy (TVM, numpy, onnx) is imported at module level: see interrupts.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -333,7 +336,6 @@ def cmd_compile(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .api import load_library, run_library
     from .onnx_io import atomic_output
     from .threads import configure_threads
 
@@ -345,21 +347,45 @@ def cmd_run(args: argparse.Namespace) -> int:
         x = np.load(path, allow_pickle=False)
     except Exception:
         raise ScalpelError(f"{path}: not a .npy array") from None
-    if not isinstance(x, np.ndarray) or x.dtype != np.float32:
-        raise ScalpelError(f"{path}: expected a float32 array, got {getattr(x, 'dtype', type(x).__name__)}")
-    if args.rpc is not None:
-        from .remote import run_remote
+    if not isinstance(x, np.ndarray):
+        raise ScalpelError(f"{path}: not a .npy array (a .npz archive?)")
+    npz = Path(args.output).suffix == ".npz"
+    try:
+        if args.rpc is not None:
+            from .remote import run_remote
 
-        if not Path(args.model).is_file():
-            raise ScalpelError(f"{args.model}: no such file")
-        y = run_remote(args.rpc, args.model, x)
-    else:
-        y = run_library(load_library(args.model), x)
+            if not Path(args.model).is_file():
+                raise ScalpelError(f"{args.model}: no such file")
+            outputs = run_remote(args.rpc, args.model, x, named=True)
+        else:
+            from .api import library_signature, load_library, run_library_outputs
+
+            vm = load_library(args.model)
+            signature = library_signature(vm)
+            if signature is not None:  # refuse before running, when the library says how many
+                _check_output_count(args.output, [t.name for t in signature.outputs])
+            outputs = run_library_outputs(vm, x)
+    except ScalpelError as err:
+        raise ScalpelError(f"{path}: {err}" if str(err).startswith("input ") else str(err)) from None
+    _check_output_count(args.output, list(outputs))
     with atomic_output(args.output) as tmp:
         with open(tmp, "wb") as f:
-            np.save(f, y)
-    print(f"wrote {args.output}: shape {tuple(y.shape)} {y.dtype}")
+            if len(outputs) == 1 and not npz:
+                np.save(f, next(iter(outputs.values())))
+            else:  # every output, keyed by its ONNX name
+                np.savez(f, **outputs)
+    shapes = ", ".join(f"{name} {tuple(y.shape)} {y.dtype}" for name, y in outputs.items())
+    if len(outputs) == 1 and not npz:
+        shapes = "shape " + shapes.split(" ", 1)[1]
+    print(f"wrote {args.output}: {shapes}")
     return 0
+
+
+def _check_output_count(output: str, names: list[str]) -> None:
+    """Several outputs go to a .npz; a .npy name would have to drop all but one of them."""
+    if len(names) > 1 and Path(output).suffix == ".npy":
+        raise ScalpelError(f"{output}: the model has {len(names)} outputs ({', '.join(names)}); "
+                           "give -o a .npz name to write them all")
 
 
 def _positive(text: str) -> int:
@@ -482,33 +508,97 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a compiled library on a .npy input")
     r.add_argument("model", help="library written by 'tvm-scalpel compile'")
     r.add_argument("--input", required=True, help="input array (.npy, float32)")
-    r.add_argument("-o", "--output", required=True, help="output array to write (.npy)")
+    r.add_argument("-o", "--output", required=True,
+                   help="output to write: .npy, or .npz (keyed by the ONNX output names; "
+                        "required when the model has several outputs)")
     r.add_argument("--rpc", default=None, metavar="ADDRESS",
                    help="run on an RPC server: HOST:PORT, or tracker://HOST:PORT/KEY")
     r.set_defaults(func=cmd_run)
     return parser
 
 
+def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Do two paths name one file (through symlinks, hard links, ./ or ../ spellings)?"""
+    try:
+        if os.path.exists(a) and os.path.exists(b):
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def _refuse_in_place(args: argparse.Namespace) -> None:
+    """An output that is also an input (model, library, input array, data, tuning database)
+    would destroy that input: refuse before any work."""
+    inputs = [("library" if args.command == "run" else "model", getattr(args, "model", None)),
+              ("input array", getattr(args, "input", None)),
+              ("data", getattr(args, "data", None))]
+    output = getattr(args, "output", None)
+    if output is None and args.command == "tune":
+        output = args.db  # tune extends its database: the model must not be it
+    else:
+        inputs.append(("tuning database", getattr(args, "db", None)))
+    if output is None:
+        return
+    kind = "tuning database" if args.command == "tune" else "output"
+    for role, path in inputs:
+        if path is not None and os.path.exists(path) and _same_file(output, path):
+            raise ScalpelError(f"{output}: the {kind} is the same file as the {role} {path}; "
+                               "nothing written, choose another name")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The ``tvm-scalpel`` program. Called without ``argv`` (as the program, from the console
+    script or ``python -m``) it also takes over Ctrl-C before anything heavy is imported."""
+    from . import interrupts
+
+    if argv is None:
+        interrupts.install()
+    try:
+        status = _main(argv)
+    except KeyboardInterrupt:
+        status = _interrupted()
+    if argv is None:
+        interrupts.finished()
+    return status
+
+
+def _interrupted() -> int:
+    from . import interrupts
+
+    interrupts.report()
+    return interrupts.EXIT_STATUS
+
+
+def _main(argv: list[str] | None) -> int:
+    from . import interrupts
+
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse prints usage + one error line and exits 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s: %(message)s")
     try:
-        return args.func(args)
+        _refuse_in_place(args)
+        status = args.func(args)
+    except KeyboardInterrupt:
+        return _interrupted()
     except ScalpelError as err:
+        if interrupts.interrupted():  # an interrupt that our error handling wrapped
+            return _interrupted()
         print(f"tvm-scalpel: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("tvm-scalpel: interrupted", file=sys.stderr)
-        return 130
     except Exception as err:  # a bug of ours: still one line, with a hint for the report
+        if interrupts.is_interrupt(err):  # TVM's C++ side wraps a KeyboardInterrupt
+            return _interrupted()
         text = [line for line in str(err).strip().splitlines() if line.strip()]
         print(f"tvm-scalpel: internal error: {type(err).__name__}: {text[-1] if text else ''} "
               "(run with TVM_SCALPEL_DEBUG=1 for a traceback)", file=sys.stderr)
-        if __import__("os").environ.get("TVM_SCALPEL_DEBUG"):
+        if os.environ.get("TVM_SCALPEL_DEBUG"):
             raise
         return 1
+    if interrupts.interrupted():  # swallowed somewhere on the way: nothing was committed
+        return _interrupted()
+    return status
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from . import interrupts
 from .errors import ScalpelError
 
 # onnxruntime reads IR versions up to 13 only; what we write must stay loadable by it.
@@ -128,14 +129,17 @@ def atomic_output(path: str | os.PathLike, executable: bool = False) -> Iterator
     if path.is_dir():
         raise ScalpelError(f"{path}: is a directory; give a file name")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".tmp", dir=parent)
+    interrupts.add_temp(tmp)  # removed even if an interrupt ends the process the hard way
     os.close(fd)
     try:
         yield tmp
         os.chmod(tmp, (0o777 if executable else 0o666) & ~_umask())  # mkstemp makes 0600
+        interrupts.check()  # an interrupt swallowed on the way (inside TVM) still commits nothing
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        interrupts.discard_temp(tmp)
 
 
 def _umask() -> int:

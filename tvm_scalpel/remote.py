@@ -61,26 +61,41 @@ def upload_library(session, path: str | os.PathLike):
 
 
 def run_remote(spec: str, library: str | os.PathLike, x: np.ndarray,
-               timeout: int = SESSION_TIMEOUT_S, min_repeat_ms: int | None = None):
+               timeout: int = SESSION_TIMEOUT_S, min_repeat_ms: int | None = None,
+               named: bool = False):
     """Run a compiled model (``tvm-scalpel compile``) on the RPC server; the server ends the
-    session after ``timeout`` seconds. With ``min_repeat_ms``, also time it there (the VM's
-    ``invoke_stateful`` in TVM's evaluator, median of 5 runs of at least that long) and return
-    ``(output, seconds per call)``."""
+    session after ``timeout`` seconds. Returns what ``run_library`` does (its output, or a dict
+    by ONNX name when it has several; always the dict with ``named``). With ``min_repeat_ms``,
+    also time it there (the VM's ``invoke_stateful`` in TVM's evaluator, median of 5 runs of at
+    least that long) and return ``(output, seconds per call)``."""
     from tvm import relax, runtime
+
+    from . import interrupts
+    from .api import check_input, library_signature, named_outputs
 
     session = connect(spec, timeout)
     lib = upload_library(session, library)
     try:
         dev = session.cpu()
         vm = relax.VirtualMachine(lib, dev)
+        signature = library_signature(vm)
+    except Exception as err:
+        raise ScalpelError(f"running on the RPC server {spec} failed: {_last_line(err)}") from None
+    check_input(x, signature)
+    try:
         xt = runtime.tensor(np.ascontiguousarray(x), dev)
-        out = vm["main"](xt).numpy()
+        # the stateful calls: a tuple result stays on the server, its fields come back one by one
+        vm.set_input("main", xt)
+        vm.invoke_stateful("main")
+        outs = named_outputs(vm.get_outputs("main"), signature)
+        out = outs if named or len(outs) > 1 else next(iter(outs.values()))
         if min_repeat_ms is None:
             return out
-        vm.set_input("main", xt)
         timer = vm.time_evaluator("invoke_stateful", dev, number=10, repeat=5, min_repeat_ms=min_repeat_ms)
         return out, float(np.median(timer("main").results))
     except Exception as err:
+        if interrupts.is_interrupt(err):
+            raise KeyboardInterrupt from None
         raise ScalpelError(f"running on the RPC server {spec} failed: {_last_line(err)}") from None
 
 
