@@ -434,12 +434,15 @@ def _close_over(recipes: Recipes, used: set[str]) -> None:
 
 def _fatbin(src: str, arch: str, folder: Path) -> str:
     """Compile one CUDA module as TVM's own JIT would (``tvm.support.nvcc``, nvcc, fatbin)."""
+    import tvm
     from tvm.support.nvcc import compile_cuda
 
     key = hashlib.sha256(src.encode()).hexdigest()
     path = folder / f"{key}.fatbin"
     if not path.exists():
-        path.write_bytes(bytes(compile_cuda(src, target_format="fatbin", arch=arch, compiler="nvcc")))
+        with tvm.target.Target({"kind": "cuda", "arch": arch}):  # it reads the arch from there
+            binary = compile_cuda(src, target_format="fatbin", arch=arch, compiler="nvcc")
+        path.write_bytes(bytes(binary))
     return key
 
 

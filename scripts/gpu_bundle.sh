@@ -84,10 +84,15 @@ say "runtime-only TVM: $(du -sh "$WORK/site" | cut -f1)"
 # ------------------------------------------------------------- 3. libcudart for the CUDA runtime
 if [ "$DEVICE" = cuda ]; then
     command -v nvcc >/dev/null || die "nvcc not found: the CUDA kernels are compiled here" 2
-    cuda_home="$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")"
-    cudart="$(ls "$cuda_home"/lib64/libcudart.so.[0-9]* "$cuda_home"/lib/libcudart.so.[0-9]* \
-              "$cuda_home"/targets/x86_64-linux/lib/libcudart.so.[0-9]* 2>/dev/null | head -1 || true)"
-    [ -n "$cudart" ] || die "libcudart.so.* not found under $cuda_home"
+    cudart=""
+    for home in "${CUDA_HOME:-}" "$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")" \
+                /usr/local/cuda /usr/local/cuda-*; do
+        [ -n "$home" ] || continue
+        cudart="$(ls "$home"/lib64/libcudart.so.[0-9]* "$home"/lib/libcudart.so.[0-9]* \
+                  "$home"/targets/x86_64-linux/lib/libcudart.so.[0-9]* 2>/dev/null | head -1 || true)"
+        [ -z "$cudart" ] || break
+    done
+    [ -n "$cudart" ] || die "libcudart.so.* not found (set CUDA_HOME)"
     mkdir -p "$WORK/lib"
     cp -L "$cudart" "$WORK/lib/$(basename "$cudart" | sed -E 's/^(libcudart\.so\.[0-9]+).*/\1/')"
 fi
