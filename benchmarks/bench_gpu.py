@@ -57,6 +57,7 @@ NODE_RATE = 0.5  # fraction of each prunable layer's nodes removed
 WEIGHT_RATE = 0.9  # fraction of each FC layer's weights removed (traditional, grouped-sparse)
 BATCHES = (1, 64)
 VARIANTS = ("dense", "node-pruned", "traditional", "grouped-sparse")
+NODE_PRUNED_AIM = 0.80  # node-pruned AlexNet's time over dense AlexNet's the issue asks for
 LIFT_MIN_ELEMENTS = 16  # smaller constants stay inside the library (the structure arrays must not)
 RAW_MAX_ELEMENTS = 16384  # an array no recipe explains may ship as it is up to this size
 MODEL_IDS = {"lenet-300-100": 1, "lenet5": 2, "alexnet": 3, "mlp": 4}
@@ -498,6 +499,12 @@ def report(results_path: Path, out_dir: Path) -> None:
     lines.append("| " + " | ".join("-" * w if i < 2 else "-" * (w - 1) + ":" for i, w in enumerate(widths)) + " |")
     lines += ["| " + " | ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"
               for r in table]
+    ratios = [f"batch {b}: {by[(m, 'node-pruned', b)]['median_us'] / by[(m, 'dense', b)]['median_us']:.2f}x"
+              for m in models for b in batches if m == "alexnet"
+              and "median_us" in by.get((m, "node-pruned", b), {}) and "median_us" in by.get((m, "dense", b), {})]
+    if ratios:
+        lines += ["", f"Node-pruned AlexNet vs dense AlexNet (the paper's GPU choice; aim: <= {NODE_PRUNED_AIM:.2f}x): "
+                  + ", ".join(ratios) + "."]
     bad = [r for r in rows if not r["ok"]]
     if bad:
         lines += ["", "Failed:", ""] + [f"- {r['model']} {r['variant']} b{r['batch']}: "

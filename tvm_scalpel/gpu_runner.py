@@ -346,7 +346,10 @@ def main(argv: list[str] | None = None) -> int:
         import tvm_ffi  # noqa: PLC0415
 
         info["arch"] = _device_arch(tvm, dev)
-        info["device_name"] = str(dev.device_name)
+        try:
+            info["device_name"] = str(dev.device_name)
+        except Exception:  # the name is for the report only
+            info["device_name"] = "CUDA device"
         kernels = KernelCache(bundle / "kernels", info["arch"])
         tvm_ffi.register_global_func("tvm_callback_cuda_compile", kernels, override=True)
     print(f"gpu_run: {device} ({info.get('device_name', platform.processor())}), TVM runtime from "
@@ -361,7 +364,19 @@ def main(argv: list[str] | None = None) -> int:
         checks.append({"model": name, "weights_match_build": not bad, "mismatched": bad})
     arrays = Arrays(manifest, data, inits)
 
-    results = []
+    results, peers = [], []
+
+    def save() -> None:
+        """After every model: a crash in a later one (a driver fault) keeps what ran."""
+        if kernels is not None:
+            info["kernels_prebuilt"] = kernels.hits
+            info["kernels_jit_on_device"] = kernels.jit
+        info["seconds"] = time.time() - started
+        report = {"format": FORMAT, "info": info, "bundle": manifest.get("built", {}),
+                  "weights": checks, "results": results + peers}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1))
+
     for entry in manifest["libraries"]:
         if args.only and args.only not in entry["file"]:
             continue
@@ -377,12 +392,12 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as err:  # one broken library must not hide the others' results
             row.update({"ok": False, "error": f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"})
         results.append(row)
+        save()
         status = f"{row['median_us']:10.1f} us  rel.err {row['rel_error']:.1e}" if "median_us" in row \
             else row["error"]
         print(f"  {entry['model']:16s} {entry['variant']:16s} b{entry['batch']:<3d} "
               f"{'ok ' if row['ok'] else 'BAD'} {status}", flush=True)
 
-    peers = []
     try:
         import torch  # noqa: F401, PLC0415
     except ImportError:
@@ -399,19 +414,13 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as err:
                 row.update({"ok": False, "error": f"{type(err).__name__}: {err}"})
             peers.append(row)
+            save()
             status = f"{row['median_us']:10.1f} us  rel.err {row['rel_error']:.1e}" if "median_us" in row \
                 else row["error"]
             print(f"  {peer['model']:16s} {'pytorch':16s} b{peer['batch']:<3d} "
                   f"{'ok ' if row['ok'] else 'BAD'} {status}", flush=True)
 
-    if kernels is not None:
-        info["kernels_prebuilt"] = kernels.hits
-        info["kernels_jit_on_device"] = kernels.jit
-    info["seconds"] = time.time() - started
-    report = {"format": FORMAT, "info": info, "bundle": manifest.get("built", {}),
-              "weights": checks, "results": results + peers}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
+    save()
     n_bad = sum(not r["ok"] for r in results + peers)
     print(f"gpu_run: {len(results)} libraries, {len(peers)} PyTorch peers, {n_bad} failed; "
           f"{info['seconds']:.0f} s; results in {out}")
