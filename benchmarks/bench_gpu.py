@@ -254,8 +254,8 @@ class Recipes:
         self.values: dict[str, np.ndarray] = {}  # what each key stands for, to match against
 
     def _put(self, key: str, recipe: dict, value: np.ndarray) -> str:
-        if key not in self.arrays:
-            self.arrays[key], self.values[key] = recipe, value
+        if key not in self.arrays:  # the runner checks what it rebuilds against this digest
+            self.arrays[key], self.values[key] = dict(recipe, sha=digest(value)), value
         return key
 
     def file(self, arr: np.ndarray) -> str:
@@ -281,6 +281,7 @@ class Recipes:
 
     def transposed(self, key: str) -> str:
         recipe = dict(self.arrays[key], transpose=not self.arrays[key].get("transpose", False))
+        recipe.pop("sha")
         return self._put(key + ":T", recipe, np.ascontiguousarray(self.values[key].T))
 
     def resolve(self, arr: np.ndarray, candidates: list[str], ints: list[np.ndarray]) -> str:

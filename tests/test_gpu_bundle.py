@@ -96,6 +96,12 @@ def test_every_library_runs_runtime_only_and_matches_onnxruntime(bundle, results
         assert r["rel_error"] < 1e-4 and r["median_us"] > 0
 
 
+def test_check_only_rebuilds_every_parameter_without_tvm(bundle, tmp_path):
+    run = run_bundle(bundle, tmp_path / "unused.json", "--check-only")
+    assert run.returncode == 0 and " 0 differ" in run.stdout, run.stdout + run.stderr
+    assert not (tmp_path / "unused.json").exists()
+
+
 def test_a_wrong_reference_is_reported(bundle, tmp_path):
     """The check can fail: a bundle whose reference is off by a little makes the runner say BAD
     and exit 1."""

@@ -127,7 +127,12 @@ class Arrays:
 
     def get(self, key: str) -> np.ndarray:
         if key not in self.cache:
-            self.cache[key] = self.build(self.recipes[key])
+            recipe = self.recipes[key]
+            arr = self.build(recipe)
+            if "sha" in recipe and digest(arr) != recipe["sha"]:
+                raise ValueError(f"array {key} {arr.shape}: rebuilt here, it differs from the one "
+                                 "the library was compiled with")
+            self.cache[key] = arr
         return self.cache[key]
 
     def build(self, r: dict) -> np.ndarray:
@@ -310,6 +315,34 @@ def run_torch(model: dict, inits: dict, x: np.ndarray, ref: np.ndarray, device: 
 # -------------------------------------------------------------------------------------- main
 
 
+def check_only(bundle: Path, manifest: dict) -> int:
+    """Regenerate and rebuild every parameter of every library; report what differs."""
+    started = time.time()
+    seed = manifest["seed"]
+    inits, bad = {}, []
+    for name, model in manifest["models"].items():
+        inits[name] = generate_initializers(model, seed)
+        bad += [f"{name}:{i['name']}" for i in model["initializers"]
+                if digest(inits[name][i["name"]]) != i["sha"]]
+    arrays = Arrays(manifest, np.load(bundle / "data.npz"), inits)
+    n = 0
+    for entry in manifest["libraries"]:
+        if digest(model_input(seed, entry["input"])) != entry["input"]["sha"]:
+            bad.append(f"{entry['file']}: input")
+        for key in entry["params"]:
+            try:
+                arrays.get(key)
+                n += 1
+            except Exception as err:
+                bad.append(f"{entry['file']}: {err}")
+    print(f"gpu_run: {len(manifest['libraries'])} libraries, {n} parameters rebuilt, "
+          f"{len(bad)} differ from the build's; {time.time() - started:.0f} s")
+    for line in bad:
+        print(f"  differs: {line}")
+    return 1 if bad else 0
+
+
+
 def main(argv: list[str] | None = None) -> int:
     here = Path(__file__).resolve().parent
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -321,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--number", type=int, default=10)
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer")
     p.add_argument("--only", default=None, help="run only libraries whose file name contains this")
+    p.add_argument("--check-only", action="store_true", help="only regenerate the weights and "
+                   "rebuild every library's parameters, checking them (numpy only: no TVM, no device)")
     args = p.parse_args(argv)
 
     bundle = args.bundle.resolve()
@@ -329,11 +364,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu_run: error: {bundle}/manifest.json has format {manifest.get('format')}, "
               f"this runner reads {FORMAT}", file=sys.stderr)
         return 2
+    if args.check_only:
+        return check_only(bundle, manifest)
     device = args.device or manifest["device"]
     out = args.out or (Path(os.environ["OUT"]) / "gpu_results.json" if os.environ.get("OUT")
                        else bundle / "results.json")
     started = time.time()
-    tvm = import_runtime(bundle, device)
+    try:
+        tvm = import_runtime(bundle, device)
+    except OSError as err:  # no driver (libcuda.so.1), or a runtime built for another Python
+        print(f"gpu_run: error: cannot load TVM's {device} runtime: {err}", file=sys.stderr)
+        return 2
     dev = tvm.cuda(0) if device == "cuda" else tvm.cpu(0)
     if not dev.exist:
         print(f"gpu_run: error: no {device} device visible to TVM's runtime", file=sys.stderr)
