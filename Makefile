@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup setup-arm demo test bench bench-accuracy clean
+.PHONY: setup setup-arm demo test bench bench-accuracy gpu-bundle gpu-report clean
 
 setup: $(STAMP)
 
@@ -35,5 +35,14 @@ bench: $(STAMP)
 bench-accuracy: $(STAMP)
 	$(PY) benchmarks/bench_accuracy.py
 
+# compile here for a lent GPU (cuda:sm_90): .gpu_bundle/bundle/, under 60 MiB (README, GPU section)
+gpu-bundle: $(STAMP)
+	PYTHON_VENV=$(PY) bash scripts/gpu_bundle.sh
+
+# benchmarks/results/gpu.md and gpu.png from a device run's results (RESULTS=path/to/gpu_results.json)
+RESULTS ?= .gpu_bundle/gpu_results.json
+gpu-report: $(STAMP)
+	$(PY) benchmarks/bench_gpu.py report $(RESULTS)
+
 clean:
-	rm -rf $(VENV) .arm build *.egg-info demo_out
+	rm -rf $(VENV) .arm .gpu_bundle build *.egg-info demo_out
