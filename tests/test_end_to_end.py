@@ -15,7 +15,15 @@ from helpers import (
 )
 from tvm import relax
 
-from tvm_scalpel import ScalpelError, compile_onnx, export_library, load_library, models, prune_onnx
+from tvm_scalpel import (
+    ScalpelError,
+    compile_onnx,
+    export_library,
+    load_library,
+    models,
+    prune_onnx,
+    resolve_target,
+)
 from tvm_scalpel.api import run_library
 from tvm_scalpel.onnx_io import save_onnx
 
@@ -105,14 +113,19 @@ def test_unpruned_model_compiles_dense(rng):
     assert rel_err(vm_run(compiled.executable, x), ort_run(model, x)) < 1e-4
 
 
-def test_narrow_layer_gets_whole_row_groups(rng, host):
-    """A layer with fewer inputs than the SIMD width is pruned in groups of its whole row."""
-    model = models.mlp([40, 11, 120], seed=404)
-    pruned = prune_onnx(model, 0.5)
-    assert [layer.group_width for layer in pruned.layers] == [host.simd_width, 11]
-    narrow = onnx_dense_layers(pruned.model)[1]["w"]
-    assert_whole_groups(narrow, 11)
-    assert abs(zero_fraction(narrow) - 0.5) <= 0.03
+@pytest.mark.parametrize("cpu", [None, "haswell", "skylake-avx512"])
+def test_narrow_layer_gets_whole_row_groups(rng, host, cpu):
+    """A layer with fewer inputs than the SIMD width is pruned in groups of its whole row: on
+    the host, and pruned for pinned AVX2 / AVX-512 targets (then compiled for the host)."""
+    profile = host if cpu is None else resolve_target(
+        '{"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "%s"}' % cpu)
+    narrow = profile.simd_width - 5  # 3 on AVX2, 11 on AVX-512
+    model = models.mlp([40, narrow, 120], seed=404)
+    pruned = prune_onnx(model, 0.5, target=profile)
+    assert [layer.group_width for layer in pruned.layers] == [profile.simd_width, narrow]
+    w = onnx_dense_layers(pruned.model)[1]["w"]
+    assert_whole_groups(w, narrow)
+    assert abs(zero_fraction(w) - 0.5) <= 0.5 / narrow + 0.03  # whole rows of a few weights
     compiled = compile_onnx(pruned.model, mode="sparse")
     x = rng.standard_normal((5, 40)).astype(np.float32)
     assert rel_err(vm_run(compiled.executable, x), ort_run(pruned.model, x)) < 1e-4

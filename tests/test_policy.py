@@ -3,7 +3,7 @@
 import numpy as np
 import onnx
 import pytest
-from helpers import assert_whole_groups, ort_run, run_cli
+from helpers import assert_whole_groups, group_zero_counts, ort_run, run_cli
 from onnx import numpy_helper
 
 from tvm_scalpel import models
@@ -34,7 +34,7 @@ def weights_of(path):
     return {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
 
 
-def test_cli_rules_on_a_cpu_and_a_gpu(tmp_path, rng):
+def test_cli_rules_on_a_cpu_and_a_gpu(tmp_path, rng, host):
     dense = {i.name: numpy_helper.to_array(i) for i in models.lenet5().graph.initializer}
     assert all(np.all(v != 0) for v in dense.values() if v.ndim > 1)
     x = rng.random((2, 1, 28, 28)).astype(np.float32)
@@ -47,7 +47,7 @@ def test_cli_rules_on_a_cpu_and_a_gpu(tmp_path, rng):
     w = weights_of(cpu)
     assert w["conv1.weight"].shape[0] == 10 and w["conv2.weight"].shape[:2] == (25, 10)
     assert np.all(w["conv2.weight"] != 0)  # CONV: node pruning, no sparse weights
-    assert_whole_groups(w["fc1.weight"], 16)  # FC: SIMD-aware weight pruning
+    assert_whole_groups(w["fc1.weight"], host.simd_width)  # FC: SIMD-aware weight pruning
     assert abs(np.mean(w["fc1.weight"] == 0) - 0.8) <= 0.03
     assert ort_run(onnx.load(str(cpu)), x).shape == (2, 10)
 
@@ -61,6 +61,21 @@ def test_cli_rules_on_a_cpu_and_a_gpu(tmp_path, rng):
         if value.ndim > 1:
             assert np.all(value != 0), name
     assert ort_run(onnx.load(str(gpu)), x).shape == (2, 10)
+
+
+@pytest.mark.parametrize("cpu,g", [("haswell", 8), ("skylake-avx512", 16)])
+def test_cli_rules_group_fc_weights_by_the_targets_simd_width(tmp_path, cpu, g):
+    """On a pinned CPU target (pruning runs nothing on it), FC groups are its vector: g, not 2g."""
+    out = tmp_path / "m.onnx"
+    target = '{"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "%s"}' % cpu
+    res = run_cli("prune", "lenet5", "-o", str(out), "--policy", "rules", "--target", target,
+                  "--rate", "0.8", "--nodes", "0.5", "--quiet")
+    assert res.returncode == 0, res.stderr
+    assert "moderate parallelism" in res.stdout
+    fc1 = weights_of(out)["fc1.weight"]
+    assert_whole_groups(fc1, g)
+    assert any(0 < z < size for z, size in group_zero_counts(fc1, 2 * g))
+    assert abs(np.mean(fc1 == 0) - 0.8) <= 0.03
 
 
 def test_measured_policy_undoes_pruning_where_dense_is_faster(tmp_path, rng):

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import onnx
 import pytest
-from helpers import assert_whole_groups, run_cli
+from helpers import assert_whole_groups, group_zero_counts, run_cli
 from onnx import numpy_helper
 
 from tvm_scalpel import ScalpelError, models, prune_onnx
@@ -18,7 +18,16 @@ def host():
     return resolve_target("x86")
 
 
-def synthetic_cost(seed: int):
+# Pinned x86 targets: the search logic is checked for both vector widths on any host (nothing
+# below runs code for them; the synthetic cost stands in for measuring).
+PINNED = {"haswell": 8, "skylake-avx512": 16}
+
+
+def pinned(cpu: str):
+    return resolve_target('{"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "%s"}' % cpu)
+
+
+def synthetic_cost(seed: int, best_g: int = 8):
     """A deterministic stand-in for measuring: a smooth cost with one best candidate."""
     rng = np.random.default_rng(seed)
     noise = {}
@@ -26,18 +35,38 @@ def synthetic_cost(seed: int):
     def cost(task, cand, profile):
         key = (cand.group_width, cand.unroll, cand.batch_tile, cand.parallel)
         noise.setdefault(key, rng.uniform(0.97, 1.03))
-        g_term = abs(np.log2(cand.group_width) - 3)  # best g = 8
+        g_term = abs(np.log2(cand.group_width) - np.log2(best_g))
         return 1e-6 * (1 + g_term + 0.3 * abs(cand.unroll - 2) + 0.5 * cand.parallel) * noise[key]
 
     return cost
 
 
-def test_tuner_finds_the_exhaustive_best_group_width(host, tmp_path):
-    task = Task(64, 96, 0.9)
-    cost = synthetic_cost(7)
-    space = candidates(task, host)
-    assert {c.group_width for c in space} == {1, 2, 4, 8, 16, 32}
-    exhaustive = {c: cost(task, c, host) for c in space}
+@pytest.mark.parametrize("cpu", PINNED)
+def test_candidate_widths_span_one_to_four_vectors(cpu):
+    profile = pinned(cpu)
+    lanes = PINNED[cpu]
+    assert profile.simd_width == lanes
+    widths = {c.group_width for c in candidates(Task(64, 4096, 0.9), profile)}
+    assert widths == {1, 2, 4, 8, 16, 32} | {2 * lanes, 4 * lanes}  # AVX-512 adds g=64
+    # a narrow layer: no group wider than its row
+    assert max(c.group_width for c in candidates(Task(64, 24, 0.9), profile)) == 16
+
+
+def test_candidate_widths_on_the_host(host):
+    widths = {c.group_width for c in candidates(Task(64, 4096, 0.9), host)}
+    assert {host.simd_width, 2 * host.simd_width, 4 * host.simd_width} <= widths
+
+
+@pytest.mark.parametrize("vectors", [1, 2, 4])
+@pytest.mark.parametrize("cpu", PINNED)
+def test_tuner_finds_the_exhaustive_best_group_width(cpu, vectors, tmp_path):
+    """Whether the best width is one vector or several, the tuner finds it in 14 trials."""
+    profile = pinned(cpu)
+    best_g = vectors * profile.simd_width
+    task = Task(64, 256, 0.9)
+    cost = synthetic_cost(7, best_g)
+    space = candidates(task, profile)
+    exhaustive = {c: cost(task, c, profile) for c in space}
     best_exhaustive = min(exhaustive.values())
     db = TuningDatabase(tmp_path / "db.jsonl")
     calls = []
@@ -46,14 +75,56 @@ def test_tuner_finds_the_exhaustive_best_group_width(host, tmp_path):
         calls.append(cand)
         return cost(task, cand, profile)
 
-    best, secs, new = tune_task(task, host, db, trials=14, measure_fn=counted)
+    best, secs, new = tune_task(task, profile, db, trials=14, measure_fn=counted)
     assert new == len(calls) == 14 < len(space)  # the model cut the measurements
     assert secs <= 1.05 * best_exhaustive
-    assert best.group_width == 8
+    assert best.group_width == best_g
     # a second run with the same budget measures nothing new
     again = TuningDatabase(tmp_path / "db.jsonl")
-    best2, secs2, new2 = tune_task(task, host, again, trials=14, measure_fn=counted)
+    best2, secs2, new2 = tune_task(task, profile, again, trials=14, measure_fn=counted)
     assert (best2, secs2, new2) == (best, secs, 0) and len(calls) == 14
+
+
+@pytest.mark.parametrize("cpu", PINNED)
+def test_prune_auto_takes_a_width_of_several_vectors(cpu, tmp_path):
+    """``--group-width auto`` (prune_onnx "auto") takes the tuner's pick of 4 vectors as it is."""
+    profile = pinned(cpu)
+    g = 4 * profile.simd_width
+    model = models.mlp([160, 70, 6], seed=5)
+    path = tmp_path / "db.jsonl"
+    db = TuningDatabase(path)
+    task = Task(70, 160, 0.75)
+    cost = synthetic_cost(3, g)
+    tune_task(task, profile, db, trials=14, measure_fn=cost)
+    out = prune_onnx(model, 0.75, profile, "auto", tuning_db=path)
+    assert [layer.group_width for layer in out.layers] == [g, profile.simd_width]  # 2nd: no record
+    w = {i.name: numpy_helper.to_array(i) for i in out.model.graph.initializer}
+    assert_whole_groups(w["fc1.weight"], g)
+    assert any(0 < z < size for z, size in group_zero_counts(w["fc1.weight"], 2 * g))  # not wider
+
+
+@pytest.mark.parametrize("g", [32, 64])
+def test_kernel_of_several_vectors_matches_numpy(host, rng, g):
+    """The widest candidates (4 vectors: g=32 on AVX2, 64 on AVX-512) compute correctly here."""
+    from helpers import build_primfunc, dense_ref, ref_prune, rel_err, tensors
+
+    from tvm_scalpel import schedules
+    from tvm_scalpel.format import GroupedSparseMatrix
+    from tvm_scalpel.schedules import CpuKnobs, pack_grouped_sparse
+
+    n, k = 19, 3 * g + 5
+    w, _ = ref_prune(rng.standard_normal((n, k)).astype(np.float32), g, 0.6)
+    bias = rng.standard_normal(n).astype(np.float32)
+    m = GroupedSparseMatrix.from_dense(w, g)
+    packed = pack_grouped_sparse(m)
+    for knobs in (CpuKnobs(unroll=2, batch_tile=8), CpuKnobs(unroll=4, batch_tile=4, parallel_gemm=True)):
+        fn = build_primfunc(schedules.grouped_sparse_dense(host, n, k, g, m.n_groups, True, knobs), host.target)
+        for batch in (1, 9):
+            x = rng.standard_normal((batch, k)).astype(np.float32)
+            args = tensors(x, packed.values, packed.offsets, packed.indptr, bias,
+                           np.full((batch, n), np.nan, np.float32))
+            fn(*args)
+            assert rel_err(args[-1].numpy(), dense_ref(x, w, bias, relu=True)) < 1e-5
 
 
 def test_database_survives_corruption_and_keeps_other_targets(host, tmp_path, caplog):
