@@ -1,0 +1,390 @@
+"""Dense, grouped and depthwise 2-D convolution kernels for LLVM CPU targets (NeoCPU style).
+
+The layout is NCHW[x]c (Liu et al., "Optimizing CNN Model Inference on CPUs", USENIX ATC 2019):
+channels are split into blocks of ``c`` that are the innermost (contiguous) axis, so that one
+vector load takes ``c`` consecutive output channels of one weight position and one FMA updates
+``c`` output channels of one output pixel.
+
+* Weights are packed once, at compile time, in numpy (:func:`pack_weight`):
+  ``OIHW -> [O/oc_block, I/ic_block, KH, KW, ic_block, oc_block]``, zero-padded where a channel
+  count is not a multiple of its block (zeros never change a result).
+* The data is packed (and zero-padded by the conv's padding) into ``[N, C/ic_block, Hp, Wp,
+  ic_block]`` by the first stage of the kernel.
+* The micro-kernel holds an ``ow_tile x oc_block`` tile of outputs in vector registers
+  (``ow_tile * oc_block / lanes`` accumulators), and for each ``(ic chunk, kh, kw, ic)`` loads
+  ``oc_block / lanes`` weight vectors, broadcasts ``ow_tile`` input scalars and issues
+  ``ow_tile * oc_block / lanes`` FMAs on full vectors. Threads take ``(batch, oc chunk, output
+  row)`` triples. Bias, ReLU (and a residual input) are applied while the tile is in registers.
+* The output is unpacked back to NCHW by the last stage (or left blocked, ``out_blocked``).
+
+Depthwise convolutions (one input channel per output channel) are blocked over channels the
+same way, with the channel block vectorized and an output-width tile in registers.
+
+All kernels are TE computes scheduled with ``tvm.s_tir.Schedule``; their knobs are
+:class:`ConvKnobs`, with defaults from :func:`default_conv_knobs`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+import tvm
+from tvm import te, tirx
+
+F32 = "float32"
+
+
+@dataclass(frozen=True)
+class ConvShape:
+    """One 2-D convolution, NCHW data and OIHW weight (``I = C / groups``)."""
+
+    batch: int | tirx.PrimExpr  # symbolic when the model's batch is
+    in_channels: int
+    height: int
+    width: int
+    out_channels: int
+    kh: int
+    kw: int
+    strides: tuple[int, int] = (1, 1)
+    padding: tuple[int, int, int, int] = (0, 0, 0, 0)  # top, left, bottom, right
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+
+    @property
+    def out_size(self) -> tuple[int, int]:
+        (sh, sw), (dh, dw), (pt, pl, pb, pr) = self.strides, self.dilation, self.padding
+        return ((self.height + pt + pb - dh * (self.kh - 1) - 1) // sh + 1,
+                (self.width + pl + pr - dw * (self.kw - 1) - 1) // sw + 1)
+
+    @property
+    def depthwise(self) -> bool:
+        return self.groups > 1 and self.groups == self.in_channels == self.out_channels
+
+    @property
+    def macs(self) -> int:
+        oh, ow = self.out_size
+        batch = self.batch if isinstance(self.batch, int) else 1
+        return batch * self.out_channels * oh * ow * (self.in_channels // self.groups) * self.kh * self.kw
+
+
+@dataclass(frozen=True)
+class ConvKnobs:
+    """Schedule knobs of the conv kernels (what autotuning may search).
+
+    oc_block: output channels of one register block (a multiple of the target's lanes);
+        for depthwise, the channel block.
+    ic_block: input channels of one packed data block (the innermost reduction loop).
+    ow_tile: output pixels along a row held in registers at once.
+    unroll_kw: unroll the kernel-width loop (more independent work per iteration).
+    """
+
+    oc_block: int
+    ic_block: int
+    ow_tile: int
+    unroll_kw: bool = False
+
+
+def vector_registers(lanes: int) -> int:
+    """Architectural vector registers: AVX2 has 16 ymm, AVX-512 32 zmm, NEON 32 q."""
+    return 16 if lanes == 8 else 32
+
+
+def _best_tile(width: int, candidates) -> int:
+    """The tile from ``candidates`` (largest first) wasting the fewest padded columns; among
+    equal waste, the largest."""
+    best, best_cost = None, None
+    for t in candidates:
+        cost = math.ceil(width / t) * t
+        if best_cost is None or cost < best_cost:
+            best, best_cost = t, cost
+    return best
+
+
+def default_conv_knobs(shape: ConvShape, lanes: int) -> ConvKnobs:
+    """The rule: ``oc_block`` two vectors (one when the layer has fewer output channels);
+    ``ow_tile`` as large as the register file allows (accumulators + weight vectors + one
+    broadcast fit), shrunk to waste the fewest padded columns of the output row."""
+    lanes = max(lanes, 1)
+    regs = vector_registers(lanes)
+    oh, ow = shape.out_size
+    if shape.depthwise:
+        cb = lanes * (2 if shape.in_channels >= 2 * lanes else 1)
+        vecs = cb // lanes
+        # per output pixel: one accumulator + one input vector; weights one per vector
+        max_tile = max(1, (regs - vecs) // (2 * vecs))
+        tile = _best_tile(ow, range(min(max_tile, ow), 0, -1))
+        return ConvKnobs(oc_block=cb, ic_block=cb, ow_tile=tile)
+    ocg = shape.out_channels // shape.groups
+    icg = shape.in_channels // shape.groups
+    vecs = 2 if ocg > lanes else 1
+    oc_block = lanes * vecs
+    max_tile = max(1, (regs - vecs - 1) // vecs)
+    lo = max(1, min(4, max_tile))
+    tile = _best_tile(ow, range(min(max_tile, ow), lo - 1, -1)) if ow > lo else ow
+    ic_block = icg if icg <= lanes * 2 else _largest_divisor(icg, lanes * 2) or lanes
+    return ConvKnobs(oc_block=oc_block, ic_block=ic_block, ow_tile=tile, unroll_kw=shape.kw <= 3)
+
+
+def _largest_divisor(n: int, at_most: int) -> int | None:
+    for d in range(at_most, max(at_most // 4, 1) - 1, -1):
+        if n % d == 0:
+            return d
+    return None
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights, packed in numpy at compile time
+# ----------------------------------------------------------------------------------------------
+
+
+def pack_weight(kernel: np.ndarray, shape: ConvShape, knobs: ConvKnobs) -> np.ndarray:
+    """``W[O, I, KH, KW]`` -> ``[G, OCg/ob, ICg/ib, KH, KW, ib, ob]`` (groups=1: G = 1),
+    zero-padded to whole blocks; for depthwise, ``[C/cb, KH, KW, cb]``."""
+    o, i, kh, kw = kernel.shape
+    if shape.depthwise:
+        cb = knobs.oc_block
+        cc = _ceil_div(o, cb)
+        w = np.zeros((cc * cb, kh, kw), np.float32)
+        w[:o] = kernel[:, 0]
+        return np.ascontiguousarray(w.reshape(cc, cb, kh, kw).transpose(0, 2, 3, 1))
+    g = shape.groups
+    ocg, icg = o // g, i
+    ob, ib = knobs.oc_block, knobs.ic_block
+    occ, icc = _ceil_div(ocg, ob), _ceil_div(icg, ib)
+    w = np.zeros((g, occ * ob, icc * ib, kh, kw), np.float32)
+    w[:, :ocg, :icg] = kernel.reshape(g, ocg, icg, kh, kw)
+    w = w.reshape(g, occ, ob, icc, ib, kh, kw).transpose(0, 1, 3, 5, 6, 4, 2)
+    return np.ascontiguousarray(w)
+
+
+def pack_bias(bias: np.ndarray | None, shape: ConvShape, knobs: ConvKnobs) -> np.ndarray:
+    """The bias in the blocked output channel order, ``[G * OCg/ob, ob]`` (zeros in padding)."""
+    o = shape.out_channels
+    bias = np.zeros(o, np.float32) if bias is None else bias.astype(np.float32)
+    if shape.depthwise:
+        cb = knobs.oc_block
+        out = np.zeros(_ceil_div(o, cb) * cb, np.float32)
+        out[:o] = bias
+        return out.reshape(-1, cb)
+    g, ob = shape.groups, knobs.oc_block
+    ocg = o // g
+    occ = _ceil_div(ocg, ob)
+    out = np.zeros((g, occ * ob), np.float32)
+    out[:, :ocg] = bias.reshape(g, ocg)
+    return out.reshape(g * occ, ob)
+
+
+# ----------------------------------------------------------------------------------------------
+# TE computes
+# ----------------------------------------------------------------------------------------------
+
+
+def _geometry(shape: ConvShape, knobs: ConvKnobs):
+    """Padded output width (a multiple of the tile) and the packed input's extent."""
+    oh, ow = shape.out_size
+    owp = _ceil_div(ow, knobs.ow_tile) * knobs.ow_tile
+    (sh, sw), (dh, dw) = shape.strides, shape.dilation
+    hp = (oh - 1) * sh + (shape.kh - 1) * dh + 1
+    wp = (owp - 1) * sw + (shape.kw - 1) * dw + 1
+    return oh, ow, owp, hp, wp
+
+
+def _pack_data(data: te.Tensor, shape: ConvShape, chunks: int, block: int, hp: int, wp: int,
+               channel_of) -> te.Tensor:
+    """``packed[n, c, y, x, b] = data[n, channel_of(c, b), y - pt, x - pl]``, zero outside the
+    image and in padded channels."""
+    pt, pl = shape.padding[0], shape.padding[1]
+    h, w = shape.height, shape.width
+
+    def value(n, c, y, x, b):
+        ch, valid = channel_of(c, b)
+        iy, ix = y - pt, x - pl
+        inside = tirx.all(iy >= 0, iy < h, ix >= 0, ix < w, valid)
+        return tirx.if_then_else(inside, data[n, ch, iy, ix], tirx.const(0.0, F32))
+
+    return te.compute((data.shape[0], chunks, hp, wp, block), value, name="data_pack")
+
+
+def _batch(shape: ConvShape):
+    """The batch extent: the int, or a fresh variable of the kernel's own (bound from the
+    data's shape at the call)."""
+    return shape.batch if isinstance(shape.batch, int) else te.var("batch")
+
+
+def conv2d_compute(shape: ConvShape, knobs: ConvKnobs, relu: bool, residual: bool = False):
+    """TE tensors ``(data, weight, bias[, residual], out)`` of a dense or grouped conv."""
+    g = shape.groups
+    ocg, icg = shape.out_channels // g, shape.in_channels // g
+    ob, ib = knobs.oc_block, knobs.ic_block
+    occ, icc = _ceil_div(ocg, ob), _ceil_div(icg, ib)
+    oh, ow, owp, hp, wp = _geometry(shape, knobs)
+    (sh, sw), (dh, dw) = shape.strides, shape.dilation
+    n_ = _batch(shape)
+
+    data = te.placeholder((n_, shape.in_channels, shape.height, shape.width), F32, name="data")
+    weight = te.placeholder((g, occ, icc, shape.kh, shape.kw, ib, ob), F32, name="weight")
+    bias = te.placeholder((g * occ, ob), F32, name="bias")
+
+    def channel_of(c, b):  # c runs over G * icc chunks
+        grp, cc = c // icc, c % icc
+        within = cc * ib + b
+        return grp * icg + tirx.min(within, icg - 1), within < icg
+
+    packed = _pack_data(data, shape, g * icc, ib, hp, wp, channel_of)
+    rc = te.reduce_axis((0, icc), name="rc")
+    ry = te.reduce_axis((0, shape.kh), name="ry")
+    rx = te.reduce_axis((0, shape.kw), name="rx")
+    rb = te.reduce_axis((0, ib), name="rb")
+    conv = te.compute(
+        (n_, g * occ, oh, owp, ob),
+        lambda n, oc, y, x, o: te.sum(
+            packed[n, (oc // occ) * icc + rc, y * sh + ry * dh, x * sw + rx * dw, rb]
+            * weight[oc // occ, oc % occ, rc, ry, rx, rb, o],
+            axis=[rc, ry, rx, rb]),
+        name="conv")
+    extra = []
+    if residual:
+        res = te.placeholder((n_, shape.out_channels, oh, ow), F32, name="residual")
+        extra = [res]
+
+    def chan(oc, o):
+        return (oc // occ) * ocg + (oc % occ) * ob + o
+
+    def epi(n, oc, y, x, o):
+        v = conv[n, oc, y, x, o] + bias[oc, o]
+        if residual:
+            c = chan(oc, o)
+            v = v + tirx.if_then_else(tirx.all(x < ow, (oc % occ) * ob + o < ocg),
+                                      res[n, tirx.min(c, shape.out_channels - 1), y, tirx.min(x, ow - 1)],
+                                      tirx.const(0.0, F32))
+        return tirx.max(v, tirx.const(0.0, F32)) if relu else v
+
+    blocked = te.compute((n_, g * occ, oh, owp, ob), epi, name="epilogue")
+
+    def unpack(n, c, y, x):
+        grp, co = c // ocg, c % ocg
+        return blocked[n, grp * occ + co // ob, y, x, co % ob]
+
+    out = te.compute((n_, shape.out_channels, oh, ow), unpack, name="unpack")
+    return [data, weight, bias] + extra + [out]
+
+
+def depthwise_compute(shape: ConvShape, knobs: ConvKnobs, relu: bool, residual: bool = False):
+    cb = knobs.oc_block
+    c_ = shape.in_channels
+    cc = _ceil_div(c_, cb)
+    oh, ow, owp, hp, wp = _geometry(shape, knobs)
+    (sh, sw), (dh, dw) = shape.strides, shape.dilation
+    n_ = _batch(shape)
+    data = te.placeholder((n_, c_, shape.height, shape.width), F32, name="data")
+    weight = te.placeholder((cc, shape.kh, shape.kw, cb), F32, name="weight")
+    bias = te.placeholder((cc, cb), F32, name="bias")
+
+    def channel_of(c, b):
+        ch = c * cb + b
+        return tirx.min(ch, c_ - 1), ch < c_
+
+    packed = _pack_data(data, shape, cc, cb, hp, wp, channel_of)
+    ry = te.reduce_axis((0, shape.kh), name="ry")
+    rx = te.reduce_axis((0, shape.kw), name="rx")
+    conv = te.compute(
+        (n_, cc, oh, owp, cb),
+        lambda n, c, y, x, b: te.sum(
+            packed[n, c, y * sh + ry * dh, x * sw + rx * dw, b] * weight[c, ry, rx, b], axis=[ry, rx]),
+        name="conv")
+    extra = []
+    if residual:
+        res = te.placeholder((n_, c_, oh, ow), F32, name="residual")
+        extra = [res]
+
+    def epi(n, c, y, x, b):
+        v = conv[n, c, y, x, b] + bias[c, b]
+        if residual:
+            ch = c * cb + b
+            v = v + tirx.if_then_else(tirx.all(x < ow, ch < c_), res[n, tirx.min(ch, c_ - 1), y, tirx.min(x, ow - 1)],
+                                      tirx.const(0.0, F32))
+        return tirx.max(v, tirx.const(0.0, F32)) if relu else v
+
+    blocked = te.compute((n_, cc, oh, owp, cb), epi, name="epilogue")
+    out = te.compute((n_, c_, oh, ow), lambda n, c, y, x: blocked[n, c // cb, y, x, c % cb], name="unpack")
+    return [data, weight, bias] + extra + [out]
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedules
+# ----------------------------------------------------------------------------------------------
+
+
+def _schedule(func: tirx.PrimFunc, knobs: ConvKnobs, depthwise: bool, kh: int, kw: int,
+              icc: int) -> tirx.PrimFunc:
+    sch = tvm.s_tir.Schedule(func)
+    # data packing: threads over (n, chunk, row); the (x, b) loops stay serial
+    pack = sch.get_sblock("data_pack")
+    n, c, y, x, b = sch.get_loops(pack)
+    sch.parallel(sch.fuse(n, c, y))
+
+    epi = sch.get_sblock("epilogue")
+    conv = sch.get_sblock("conv")
+    n, oc, y, x, o = sch.get_loops(epi)
+    xo, xi = sch.split(x, [None, knobs.ow_tile])
+    sch.reorder(n, oc, y, xo, xi, o)
+    sch.parallel(sch.fuse(n, oc, y))
+    sch.compute_at(conv, xo)
+    # conv's loops under xo are those of its block vars with extent > 1 (compute_at drops unit
+    # loops): the tile, the channel block, then the reduction
+    if depthwise:
+        order = [("x", knobs.ow_tile), ("o", knobs.oc_block), ("ry", kh), ("rx", kw)]
+    else:
+        order = [("x", knobs.ow_tile), ("o", knobs.oc_block), ("rc", icc), ("ry", kh),
+                 ("rx", kw), ("rb", knobs.ic_block)]
+    present = [name for name, extent in order if extent > 1]
+    loops = dict(zip(present, sch.get_loops(conv)[-len(present):]))
+    if depthwise:
+        red = ["ry", "rx"]
+    elif knobs.unroll_kw:
+        red = ["rc", "ry", "rb", "rx"]
+    else:
+        red = ["rc", "ry", "rx", "rb"]
+    red = [r for r in red if r in loops]
+    spatial = [s_ for s_ in ("x", "o") if s_ in loops]
+    sch.reorder(*[loops[r] for r in red + spatial])
+    if knobs.unroll_kw and "rx" in loops and not depthwise:
+        sch.unroll(loops["rx"])
+    if "x" in loops:
+        sch.unroll(loops["x"])
+    sch.vectorize(loops["o"])
+    if red:
+        sch.decompose_reduction(conv, loops[red[0]])
+        init = sch.get_sblock("conv_init")
+        il = sch.get_loops(init)
+        if "x" in loops:
+            sch.unroll(il[-2])
+        sch.vectorize(il[-1])
+    sch.unroll(xi)
+    sch.vectorize(o)
+
+    unpack = sch.get_sblock("unpack")
+    n, c, y, x = sch.get_loops(unpack)
+    sch.parallel(sch.fuse(n, c, y))
+    return sch.mod["main"]
+
+
+def conv2d_kernel(shape: ConvShape, knobs: ConvKnobs, lanes: int, relu: bool = False,
+                  residual: bool = False) -> tirx.PrimFunc:
+    """The scheduled ``PrimFunc``: parameters ``data, weight, bias[, residual], out`` (data and
+    out NCHW; weight and bias from :func:`pack_weight` / :func:`pack_bias`)."""
+    if shape.depthwise:
+        tensors = depthwise_compute(shape, knobs, relu, residual)
+        icc = 1
+    else:
+        tensors = conv2d_compute(shape, knobs, relu, residual)
+        icc = _ceil_div(shape.in_channels // shape.groups, knobs.ic_block)
+    func = te.create_prim_func(tensors)
+    # no global symbol: the module it is added to names it
+    return _schedule(func, knobs, shape.depthwise, shape.kh, shape.kw, icc).without_attr("global_symbol")
