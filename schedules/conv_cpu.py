@@ -76,7 +76,8 @@ class ConvKnobs:
     oc_block: output channels of one register block (a multiple of the target's lanes);
         for depthwise, the channel block.
     ic_block: input channels of one packed data block (the innermost reduction loop).
-    ow_tile: output pixels along a row held in registers at once.
+    ow_tile: output pixels held in registers at once (consecutive positions of the flattened
+        ``OH x OW`` output, so a tile may span rows and only the last one is padded).
     unroll_kw: unroll the kernel-width loop (more independent work per iteration).
     """
 
@@ -103,28 +104,33 @@ def _best_tile(width: int, candidates) -> int:
 
 
 def default_conv_knobs(shape: ConvShape, lanes: int) -> ConvKnobs:
-    """The rule: ``oc_block`` two vectors (one when the layer has fewer output channels);
-    ``ow_tile`` as large as the register file allows (accumulators + weight vectors + one
-    broadcast fit), shrunk to waste the fewest padded columns of the output row."""
+    """The rule: ``oc_block`` two vectors (one when a group has at most ``lanes`` output
+    channels); ``ow_tile`` (output pixels, flattened over rows) as large as the register file
+    allows with the weight vectors and one broadcast beside the accumulators (LLVM spills
+    beyond: 7 x 2 ymm ran 2x slower than 5 x 2 on AVX2), shrunk by up to 2 where that wastes
+    fewer padded positions; ``ic_block`` up to two vectors' worth of input channels."""
     lanes = max(lanes, 1)
     regs = vector_registers(lanes)
     oh, ow = shape.out_size
+    positions = oh * ow
     if shape.depthwise:
         cb = lanes * (2 if shape.in_channels >= 2 * lanes else 1)
         vecs = cb // lanes
         # per output pixel: one accumulator + one input vector; weights one per vector
         max_tile = max(1, (regs - vecs) // (2 * vecs))
-        tile = _best_tile(ow, range(min(max_tile, ow), 0, -1))
-        return ConvKnobs(oc_block=cb, ic_block=cb, ow_tile=tile)
+        return ConvKnobs(oc_block=cb, ic_block=cb, ow_tile=_tile(positions, max_tile))
     ocg = shape.out_channels // shape.groups
     icg = shape.in_channels // shape.groups
     vecs = 2 if ocg > lanes else 1
-    oc_block = lanes * vecs
     max_tile = max(1, (regs - vecs - 1) // vecs)
-    lo = max(1, min(4, max_tile))
-    tile = _best_tile(ow, range(min(max_tile, ow), lo - 1, -1)) if ow > lo else ow
     ic_block = icg if icg <= lanes * 2 else _largest_divisor(icg, lanes * 2) or lanes
-    return ConvKnobs(oc_block=oc_block, ic_block=ic_block, ow_tile=tile, unroll_kw=shape.kw <= 3)
+    return ConvKnobs(oc_block=lanes * vecs, ic_block=ic_block, ow_tile=_tile(positions, max_tile))
+
+
+def _tile(positions: int, max_tile: int) -> int:
+    if positions <= max_tile:
+        return positions
+    return _best_tile(positions, range(max_tile, max(1, max_tile - 2) - 1, -1))
 
 
 def _largest_divisor(n: int, at_most: int) -> int | None:
@@ -186,13 +192,20 @@ def pack_bias(bias: np.ndarray | None, shape: ConvShape, knobs: ConvKnobs) -> np
 
 
 def _geometry(shape: ConvShape, knobs: ConvKnobs):
-    """Padded output width (a multiple of the tile) and the packed input's extent."""
+    """Output positions (padded to whole tiles) and the packed input's extent."""
     oh, ow = shape.out_size
-    owp = _ceil_div(ow, knobs.ow_tile) * knobs.ow_tile
+    positions = _ceil_div(oh * ow, knobs.ow_tile) * knobs.ow_tile
     (sh, sw), (dh, dw) = shape.strides, shape.dilation
     hp = (oh - 1) * sh + (shape.kh - 1) * dh + 1
-    wp = (owp - 1) * sw + (shape.kw - 1) * dw + 1
-    return oh, ow, owp, hp, wp
+    wp = (ow - 1) * sw + (shape.kw - 1) * dw + 1
+    return oh, ow, positions, hp, wp
+
+
+def _pixel(p, oh: int, ow: int):
+    """Output row and column of flattened position ``p``; the padding positions past the last
+    tile repeat the last pixel (computed, never stored)."""
+    q = tirx.min(p, oh * ow - 1)
+    return q // ow, q % ow
 
 
 def _pack_data(data: te.Tensor, shape: ConvShape, chunks: int, block: int, hp: int, wp: int,
@@ -217,13 +230,42 @@ def _batch(shape: ConvShape):
     return shape.batch if isinstance(shape.batch, int) else te.var("batch")
 
 
+def _epilogue_and_unpack(shape: ConvShape, conv: te.Tensor, bias: te.Tensor, relu: bool,
+                         residual: bool, channel_of, chunk_block):
+    """``blocked[n, oc, p, o] = act(conv + bias [+ residual])`` then NCHW ``out``.
+    ``channel_of(oc, o)``: (NCHW channel, valid); ``chunk_block(c)``: (oc chunk, o) of channel c."""
+    n_, chunks, positions, block = conv.shape
+    oh, ow = shape.out_size
+    extra = []
+    if residual:
+        res = te.placeholder((n_, shape.out_channels, oh, ow), F32, name="residual")
+        extra = [res]
+
+    def epi(n, oc, p, o):
+        v = conv[n, oc, p, o] + bias[oc, o]
+        if residual:
+            ch, valid = channel_of(oc, o)
+            y, x = _pixel(p, oh, ow)
+            v = v + tirx.if_then_else(valid, res[n, ch, y, x], tirx.const(0.0, F32))
+        return tirx.max(v, tirx.const(0.0, F32)) if relu else v
+
+    blocked = te.compute((n_, chunks, positions, block), epi, name="epilogue")
+
+    def unpack(n, c, y, x):
+        chunk, o = chunk_block(c)
+        return blocked[n, chunk, y * ow + x, o]
+
+    out = te.compute((n_, shape.out_channels, oh, ow), unpack, name="unpack")
+    return extra, out
+
+
 def conv2d_compute(shape: ConvShape, knobs: ConvKnobs, relu: bool, residual: bool = False):
     """TE tensors ``(data, weight, bias[, residual], out)`` of a dense or grouped conv."""
     g = shape.groups
     ocg, icg = shape.out_channels // g, shape.in_channels // g
     ob, ib = knobs.oc_block, knobs.ic_block
     occ, icc = _ceil_div(ocg, ob), _ceil_div(icg, ib)
-    oh, ow, owp, hp, wp = _geometry(shape, knobs)
+    oh, ow, positions, hp, wp = _geometry(shape, knobs)
     (sh, sw), (dh, dw) = shape.strides, shape.dilation
     n_ = _batch(shape)
 
@@ -231,55 +273,42 @@ def conv2d_compute(shape: ConvShape, knobs: ConvKnobs, relu: bool, residual: boo
     weight = te.placeholder((g, occ, icc, shape.kh, shape.kw, ib, ob), F32, name="weight")
     bias = te.placeholder((g * occ, ob), F32, name="bias")
 
-    def channel_of(c, b):  # c runs over G * icc chunks
+    def in_channel_of(c, b):  # c runs over G * icc chunks
         grp, cc = c // icc, c % icc
         within = cc * ib + b
         return grp * icg + tirx.min(within, icg - 1), within < icg
 
-    packed = _pack_data(data, shape, g * icc, ib, hp, wp, channel_of)
+    packed = _pack_data(data, shape, g * icc, ib, hp, wp, in_channel_of)
     rc = te.reduce_axis((0, icc), name="rc")
     ry = te.reduce_axis((0, shape.kh), name="ry")
     rx = te.reduce_axis((0, shape.kw), name="rx")
     rb = te.reduce_axis((0, ib), name="rb")
-    conv = te.compute(
-        (n_, g * occ, oh, owp, ob),
-        lambda n, oc, y, x, o: te.sum(
-            packed[n, (oc // occ) * icc + rc, y * sh + ry * dh, x * sw + rx * dw, rb]
-            * weight[oc // occ, oc % occ, rc, ry, rx, rb, o],
-            axis=[rc, ry, rx, rb]),
-        name="conv")
-    extra = []
-    if residual:
-        res = te.placeholder((n_, shape.out_channels, oh, ow), F32, name="residual")
-        extra = [res]
 
-    def chan(oc, o):
-        return (oc // occ) * ocg + (oc % occ) * ob + o
+    def conv_value(n, oc, p, o):
+        y, x = _pixel(p, oh, ow)
+        return te.sum(packed[n, (oc // occ) * icc + rc, y * sh + ry * dh, x * sw + rx * dw, rb]
+                      * weight[oc // occ, oc % occ, rc, ry, rx, rb, o], axis=[rc, ry, rx, rb])
 
-    def epi(n, oc, y, x, o):
-        v = conv[n, oc, y, x, o] + bias[oc, o]
-        if residual:
-            c = chan(oc, o)
-            v = v + tirx.if_then_else(tirx.all(x < ow, (oc % occ) * ob + o < ocg),
-                                      res[n, tirx.min(c, shape.out_channels - 1), y, tirx.min(x, ow - 1)],
-                                      tirx.const(0.0, F32))
-        return tirx.max(v, tirx.const(0.0, F32)) if relu else v
+    conv = te.compute((n_, g * occ, positions, ob), conv_value, name="conv")
 
-    blocked = te.compute((n_, g * occ, oh, owp, ob), epi, name="epilogue")
+    def out_channel_of(oc, o):
+        within = (oc % occ) * ob + o
+        return (oc // occ) * ocg + tirx.min(within, ocg - 1), within < ocg
 
-    def unpack(n, c, y, x):
+    def chunk_block(c):
         grp, co = c // ocg, c % ocg
-        return blocked[n, grp * occ + co // ob, y, x, co % ob]
+        return grp * occ + co // ob, co % ob
 
-    out = te.compute((n_, shape.out_channels, oh, ow), unpack, name="unpack")
+    extra, out = _epilogue_and_unpack(shape, conv, bias, relu, residual, out_channel_of, chunk_block)
     return [data, weight, bias] + extra + [out]
 
 
 def depthwise_compute(shape: ConvShape, knobs: ConvKnobs, relu: bool, residual: bool = False):
+    """TE tensors ``(data, weight, bias[, residual], out)`` of a depthwise conv."""
     cb = knobs.oc_block
     c_ = shape.in_channels
     cc = _ceil_div(c_, cb)
-    oh, ow, owp, hp, wp = _geometry(shape, knobs)
+    oh, ow, positions, hp, wp = _geometry(shape, knobs)
     (sh, sw), (dh, dw) = shape.strides, shape.dilation
     n_ = _batch(shape)
     data = te.placeholder((n_, c_, shape.height, shape.width), F32, name="data")
@@ -293,26 +322,14 @@ def depthwise_compute(shape: ConvShape, knobs: ConvKnobs, relu: bool, residual: 
     packed = _pack_data(data, shape, cc, cb, hp, wp, channel_of)
     ry = te.reduce_axis((0, shape.kh), name="ry")
     rx = te.reduce_axis((0, shape.kw), name="rx")
-    conv = te.compute(
-        (n_, cc, oh, owp, cb),
-        lambda n, c, y, x, b: te.sum(
-            packed[n, c, y * sh + ry * dh, x * sw + rx * dw, b] * weight[c, ry, rx, b], axis=[ry, rx]),
-        name="conv")
-    extra = []
-    if residual:
-        res = te.placeholder((n_, c_, oh, ow), F32, name="residual")
-        extra = [res]
 
-    def epi(n, c, y, x, b):
-        v = conv[n, c, y, x, b] + bias[c, b]
-        if residual:
-            ch = c * cb + b
-            v = v + tirx.if_then_else(tirx.all(x < ow, ch < c_), res[n, tirx.min(ch, c_ - 1), y, tirx.min(x, ow - 1)],
-                                      tirx.const(0.0, F32))
-        return tirx.max(v, tirx.const(0.0, F32)) if relu else v
+    def conv_value(n, c, p, b):
+        y, x = _pixel(p, oh, ow)
+        return te.sum(packed[n, c, y * sh + ry * dh, x * sw + rx * dw, b] * weight[c, ry, rx, b], axis=[ry, rx])
 
-    blocked = te.compute((n_, cc, oh, owp, cb), epi, name="epilogue")
-    out = te.compute((n_, c_, oh, ow), lambda n, c, y, x: blocked[n, c // cb, y, x, c % cb], name="unpack")
+    conv = te.compute((n_, cc, positions, cb), conv_value, name="conv")
+    extra, out = _epilogue_and_unpack(shape, conv, bias, relu, residual, channel_of,
+                                      lambda c: (c // cb, c % cb))
     return [data, weight, bias] + extra + [out]
 
 
@@ -331,11 +348,11 @@ def _schedule(func: tirx.PrimFunc, knobs: ConvKnobs, depthwise: bool, kh: int, k
 
     epi = sch.get_sblock("epilogue")
     conv = sch.get_sblock("conv")
-    n, oc, y, x, o = sch.get_loops(epi)
-    xo, xi = sch.split(x, [None, knobs.ow_tile])
-    sch.reorder(n, oc, y, xo, xi, o)
-    sch.parallel(sch.fuse(n, oc, y))
-    sch.compute_at(conv, xo)
+    n, oc, p, o = sch.get_loops(epi)
+    xo, xi = sch.split(p, [None, knobs.ow_tile])
+    tile = sch.fuse(n, oc, xo)
+    sch.parallel(tile)
+    sch.compute_at(conv, tile)
     # conv's loops under xo are those of its block vars with extent > 1 (compute_at drops unit
     # loops): the tile, the channel block, then the reduction
     if depthwise:
