@@ -85,6 +85,11 @@ class ConvKnobs:
     ic_block: int
     ow_tile: int
     unroll_kw: bool = False
+    # cache blocking: a thread task takes tiles_per_task tiles, and runs the reduction over
+    # ic_step input-channel chunks at a time across all of them (0: all chunks at once), so a
+    # step's weights stay in L1 while the task's accumulators go to memory between steps
+    tiles_per_task: int = 1
+    ic_step: int = 0
 
 
 def vector_registers(lanes: int) -> int:
@@ -128,8 +133,12 @@ def default_conv_knobs(shape: ConvShape, lanes: int) -> ConvKnobs:
 
 
 def _tile(positions: int, max_tile: int) -> int:
+    """``max_tile`` unless it pads more than 3% of the positions; then the tile (down to
+    ``max_tile - 2``) that pads fewest."""
     if positions <= max_tile:
         return positions
+    if _ceil_div(positions, max_tile) * max_tile <= positions * 1.03:
+        return max_tile
     return _best_tile(positions, range(max_tile, max(1, max_tile - 2) - 1, -1))
 
 
@@ -194,7 +203,8 @@ def pack_bias(bias: np.ndarray | None, shape: ConvShape, knobs: ConvKnobs) -> np
 def _geometry(shape: ConvShape, knobs: ConvKnobs):
     """Output positions (padded to whole tiles) and the packed input's extent."""
     oh, ow = shape.out_size
-    positions = _ceil_div(oh * ow, knobs.ow_tile) * knobs.ow_tile
+    task = knobs.ow_tile * knobs.tiles_per_task
+    positions = _ceil_div(oh * ow, task) * task
     (sh, sw), (dh, dw) = shape.strides, shape.dilation
     hp = (oh - 1) * sh + (shape.kh - 1) * dh + 1
     wp = (ow - 1) * sw + (shape.kw - 1) * dw + 1
@@ -349,19 +359,31 @@ def _schedule(func: tirx.PrimFunc, knobs: ConvKnobs, depthwise: bool, kh: int, k
     epi = sch.get_sblock("epilogue")
     conv = sch.get_sblock("conv")
     n, oc, p, o = sch.get_loops(epi)
-    xo, xi = sch.split(p, [None, knobs.ow_tile])
-    tile = sch.fuse(n, oc, xo)
-    sch.parallel(tile)
-    sch.compute_at(conv, tile)
-    # conv's loops under xo are those of its block vars with extent > 1 (compute_at drops unit
-    # loops): the tile, the channel block, then the reduction
+    tpt = knobs.tiles_per_task
+    xo, xt, xi = sch.split(p, [None, tpt, knobs.ow_tile])
+    task = sch.fuse(n, oc, xo)
+    sch.parallel(task)
+    sch.compute_at(conv, task)
+    # conv's loops under the task are those of its block vars with extent > 1 (compute_at
+    # drops unit loops): the task's positions, the channel block, then the reduction
     if depthwise:
-        order = [("x", knobs.ow_tile), ("o", knobs.oc_block), ("ry", kh), ("rx", kw)]
+        order = [("p", knobs.ow_tile * tpt), ("o", knobs.oc_block), ("ry", kh), ("rx", kw)]
     else:
-        order = [("x", knobs.ow_tile), ("o", knobs.oc_block), ("rc", icc), ("ry", kh),
+        order = [("p", knobs.ow_tile * tpt), ("o", knobs.oc_block), ("rc", icc), ("ry", kh),
                  ("rx", kw), ("rb", knobs.ic_block)]
     present = [name for name, extent in order if extent > 1]
     loops = dict(zip(present, sch.get_loops(conv)[-len(present):]))
+    if "p" in loops:
+        if tpt > 1 and knobs.ow_tile > 1:
+            loops["t"], loops["x"] = sch.split(loops.pop("p"), [tpt, knobs.ow_tile])
+        elif tpt > 1:
+            loops["t"] = loops.pop("p")
+        else:
+            loops["x"] = loops.pop("p")
+    outer = []
+    if not depthwise and knobs.ic_step and "rc" in loops and knobs.ic_step < icc and "t" in loops:
+        loops["rco"], loops["rc"] = sch.split(loops["rc"], [None, knobs.ic_step])
+        outer = ["rco"]
     if depthwise:
         red = ["ry", "rx"]
     elif knobs.unroll_kw:
@@ -369,20 +391,21 @@ def _schedule(func: tirx.PrimFunc, knobs: ConvKnobs, depthwise: bool, kh: int, k
     else:
         red = ["rc", "ry", "rx", "rb"]
     red = [r for r in red if r in loops]
+    tiles = ["t"] if "t" in loops else []
     spatial = [s_ for s_ in ("x", "o") if s_ in loops]
-    sch.reorder(*[loops[r] for r in red + spatial])
+    sch.reorder(*[loops[r] for r in outer + tiles + red + spatial])
     if knobs.unroll_kw and "rx" in loops and not depthwise:
         sch.unroll(loops["rx"])
     if "x" in loops:
         sch.unroll(loops["x"])
     sch.vectorize(loops["o"])
-    if red:
-        sch.decompose_reduction(conv, loops[red[0]])
+    if outer + red:
+        sch.decompose_reduction(conv, loops[(outer + red)[0]])
         init = sch.get_sblock("conv_init")
         il = sch.get_loops(init)
+        sch.vectorize(il[-1])
         if "x" in loops:
             sch.unroll(il[-2])
-        sch.vectorize(il[-1])
     sch.unroll(xi)
     sch.vectorize(o)
 

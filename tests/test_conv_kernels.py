@@ -79,6 +79,34 @@ def test_static_batch_8_and_no_bias(rng):
     assert rel_err(vm_run(built.executable, x), ort_run(model, x)) < TOL
 
 
+@pytest.mark.parametrize("knobs", [
+    conv_cpu.ConvKnobs(oc_block=8, ic_block=4, ow_tile=3, tiles_per_task=4, ic_step=2),
+    conv_cpu.ConvKnobs(oc_block=16, ic_block=8, ow_tile=5, unroll_kw=True, tiles_per_task=2),
+    conv_cpu.ConvKnobs(oc_block=32, ic_block=3, ow_tile=1),
+])
+def test_explicit_knobs_give_the_same_result(rng, knobs):
+    """Knob settings a tuner may pick (cache blocking, unrolled kw, a tile of one) against a
+    direct float64 convolution."""
+    shape = ConvShape(2, 13, 9, 8, 21, 3, 3, (1, 1), (1, 0, 1, 1))
+    w = rng.standard_normal((21, 13, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(21).astype(np.float32)
+    x = rng.standard_normal((2, 13, 9, 8)).astype(np.float32)
+    func = conv_cpu.conv2d_kernel(shape, knobs, 8, relu=False).with_attr("global_symbol", "main")
+    f = tvm.compile(tvm.IRModule({"main": func}), target=resolve_target("x86").target)["main"]
+    oh, ow = shape.out_size
+    dev = tvm.cpu()
+    out = tvm.runtime.tensor(np.zeros((2, 21, oh, ow), np.float32), dev)
+    f(tvm.runtime.tensor(x, dev), tvm.runtime.tensor(conv_cpu.pack_weight(w, shape, knobs), dev),
+      tvm.runtime.tensor(conv_cpu.pack_bias(b, shape, knobs), dev), out)
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (1, 1), (0, 1)))
+    ref = np.zeros((2, 21, oh, ow))
+    for i in range(oh):
+        for j in range(ow):
+            ref[:, :, i, j] = np.einsum("bchw,ochw->bo", xp[:, :, i:i + 3, j:j + 3], w.astype(np.float64))
+    ref += b.reshape(1, -1, 1, 1)
+    assert rel_err(out.numpy(), ref) < TOL
+
+
 def resnet_block(rng, c: int, hw: int, batch="N"):
     """PyTorch's export of a ResNet basic block without folding: Conv -> BatchNormalization
     -> Relu -> Conv -> BatchNormalization -> Add(skip) -> Relu."""
