@@ -141,6 +141,23 @@ def test_conv_bn_relu_and_residual_add_are_fused_and_match_onnxruntime(rng):
         assert rel_err(vm_run(built.executable, x), ort_run(model, x)) < TOL
 
 
+def test_group_sparse_convs_in_a_residual_block_keep_the_patch_kernel(rng):
+    """Pruned in whole groups of 4 along the unfolded weight: the grouped-sparse patch kernel,
+    with the folded BatchNorm, then the residual add and ReLU after it."""
+    model = resnet_block(rng, 8, 6)
+    for init in model.graph.initializer:
+        if init.name.endswith(".w"):
+            w = numpy_helper.to_array(init).reshape(8, -1).copy()
+            groups = w.reshape(8, -1, 4)
+            groups[rng.random(groups.shape[:2]) < 0.7] = 0.0
+            init.CopyFrom(numpy_helper.from_array(groups.reshape(8, 8, 3, 3), init.name))
+    built = compile_onnx(model, "x86", mode="sparse")
+    assert [(d.kernel, d.group_width) for d in built.layers] == [("grouped-sparse", 4)] * 2
+    for batch in (1, 3):
+        x = rng.standard_normal((batch, 8, 6, 6)).astype(np.float32)
+        assert rel_err(vm_run(built.executable, x), ort_run(model, x)) < TOL
+
+
 def test_fused_graph_has_one_kernel_call_per_conv(rng):
     """The BatchNorm, residual add and ReLUs leave no ops of their own behind."""
     from tvm_scalpel.onnx_io import to_relax
@@ -166,25 +183,35 @@ def test_default_knobs_fit_the_register_file(lanes):
         assert accumulators + vecs + 1 <= conv_cpu.vector_registers(lanes)
 
 
-def _fma_blocks(mcpu: str, shape: ConvShape):
+def _fma_blocks(target: dict, shape: ConvShape, fma: str):
     """The basic blocks of the compiled kernel that hold vector FMAs (the micro-kernel)."""
-    profile = resolve_target(tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": mcpu}))
+    profile = resolve_target(tvm.target.Target(target))
     func = schedules.conv2d(profile, shape, relu=True).with_attr("global_symbol", "main")
     asm = tvm.compile(tvm.IRModule({"main": func}), target=profile.target).mod.inspect_source("asm")
     blocks = re.split(r"\n(?=\S[^\n]*:)", asm)  # a new block at every label
-    return [b for b in blocks if re.search(r"vfmadd\w*ps", b)]
+    return [b for b in blocks if re.search(fma, b)]
+
+
+CONV_SHAPES = [ConvShape(1, 32, 14, 14, 64, 3, 3, padding=(1, 1, 1, 1)),
+               ConvShape(1, 32, 14, 14, 32, 3, 3, padding=(1, 1, 1, 1), groups=32)]
 
 
 @pytest.mark.parametrize("mcpu,reg", [("haswell", "ymm"), ("skylake-avx512", "zmm")])
-@pytest.mark.parametrize("shape", [ConvShape(1, 32, 14, 14, 64, 3, 3, padding=(1, 1, 1, 1)),
-                                   ConvShape(1, 32, 14, 14, 32, 3, 3, padding=(1, 1, 1, 1), groups=32)],
-                         ids=["dense", "depthwise"])
-def test_codegen_uses_full_vector_fmas_without_gathers(mcpu, reg, shape):
+@pytest.mark.parametrize("shape", CONV_SHAPES, ids=["dense", "depthwise"])
+def test_x86_codegen_uses_full_vector_fmas_without_gathers(mcpu, reg, shape):
     """Compile only: the AVX-512 code is never run here. (The data packing / unpacking stages
     may gather; the blocks with the FMAs must not.)"""
-    blocks = _fma_blocks(mcpu, shape)
+    blocks = _fma_blocks({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": mcpu}, shape, r"vfmadd\w*ps")
     text = "\n".join(blocks)
     fmas = {r: len(re.findall(rf"vfmadd\w*ps\s[^\n]*%{r}", text)) for r in ("xmm", "ymm", "zmm")}
     assert fmas[reg] >= 8, fmas
     assert sum(fmas.values()) == fmas[reg], fmas
     assert "gather" not in text
+
+
+@pytest.mark.parametrize("shape", CONV_SHAPES, ids=["dense", "depthwise"])
+def test_neon_codegen_uses_4_lane_fmas(shape):
+    target = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72"}
+    text = "\n".join(_fma_blocks(target, shape, r"fmla"))
+    assert len(re.findall(r"fmla\s+v\d+\.4s", text)) >= 8
+    assert not re.search(r"fmla\s+s\d+", text)  # no scalar FMAs in the micro-kernel
