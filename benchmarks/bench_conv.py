@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -215,6 +216,8 @@ def main(argv=None) -> int:
     start = time.time()
     profile = resolve_target("x86")
     threads = num_threads()
+    # one thread (TVM_NUM_THREADS=1) writes its own files beside the all-cores ones
+    stem = STEM if threads == len(os.sched_getaffinity(0)) else f"{STEM}_{threads}thread"
     info = common.machine_info(profile)
     rows: list[Row] = []
     for net in args.networks:
@@ -235,9 +238,9 @@ def main(argv=None) -> int:
         f"{common.REL_TOL:g}). Totals weight each layer by its count (x) in the network.", "",
         "## Totals over each network's conv layers", "", tot, "",
         "## Per layer", "", per_layer, "",
-        f"![ratios]({STEM}.png)", ""])
-    common.write_text(args.out_dir / f"{STEM}.md", text)
-    plot(rows, args.out_dir / f"{STEM}.png")
+        f"![ratios]({stem}.png)", ""])
+    common.write_text(args.out_dir / f"{stem}.md", text)
+    plot(rows, args.out_dir / f"{stem}.png")
     return 0
 
 
