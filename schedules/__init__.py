@@ -132,7 +132,10 @@ def default_conv_knobs(profile: TargetProfile, shape: ConvShape) -> ConvKnobs:
     """The blocked conv kernel's knobs by the rule of ``conv_cpu.default_conv_knobs``."""
     from . import conv_cpu
 
-    return conv_cpu.default_conv_knobs(shape, _conv_lanes(profile))
+    triple = str(profile.target.attrs.get("mtriple", "")) if profile.kind == "llvm" else ""
+    x86 = triple.startswith(("x86", "i386", "i686")) or not triple
+    lanes = _conv_lanes(profile)
+    return conv_cpu.default_conv_knobs(shape, lanes, conv_cpu.vector_registers(lanes, x86))
 
 
 def conv2d(profile: TargetProfile, shape: ConvShape, knobs: ConvKnobs | None = None,

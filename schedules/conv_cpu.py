@@ -96,9 +96,10 @@ class ConvKnobs:
     positions_outer: bool = False
 
 
-def vector_registers(lanes: int) -> int:
-    """Architectural vector registers: AVX2 has 16 ymm, AVX-512 32 zmm, NEON 32 q."""
-    return 16 if lanes == 8 else 32
+def vector_registers(lanes: int, x86: bool = True) -> int:
+    """Architectural vector registers: SSE / AVX2 have 16 xmm / ymm, AVX-512 32 zmm, AArch64
+    NEON 32 q."""
+    return 32 if lanes >= 16 or not x86 else 16
 
 
 def _best_tile(width: int, candidates) -> int:
@@ -112,21 +113,22 @@ def _best_tile(width: int, candidates) -> int:
     return best
 
 
-def default_conv_knobs(shape: ConvShape, lanes: int) -> ConvKnobs:
+def default_conv_knobs(shape: ConvShape, lanes: int, registers: int | None = None) -> ConvKnobs:
     """The rule: ``oc_block`` two vectors (one when a group has at most ``lanes`` output
     channels); ``ow_tile`` (output pixels, flattened over rows) as large as the register file
     allows with the weight vectors and one broadcast beside the accumulators (LLVM spills
     beyond: 7 x 2 ymm ran 2x slower than 5 x 2 on AVX2), shrunk by up to 2 where that wastes
     fewer padded positions; ``ic_block`` up to two vectors' worth of input channels."""
     lanes = max(lanes, 1)
-    regs = vector_registers(lanes)
+    regs = registers or vector_registers(lanes)
     oh, ow = shape.out_size
     positions = oh * ow
     if shape.depthwise:
         cb = lanes * (2 if shape.in_channels >= 2 * lanes else 1)
         vecs = cb // lanes
-        # per output pixel: one accumulator + one input vector; weights one per vector
-        max_tile = max(1, (regs - vecs) // (2 * vecs))
+        # per output pixel one accumulator a vector (the input vector is an FMA memory
+        # operand), the kernel tap's weight vectors, one spare
+        max_tile = max(1, (regs - vecs) // vecs - 1)
         return ConvKnobs(oc_block=cb, ic_block=cb, ow_tile=_tile(positions, max_tile))
     ocg = shape.out_channels // shape.groups
     icg = shape.in_channels // shape.groups

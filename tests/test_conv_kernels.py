@@ -170,17 +170,19 @@ def test_fused_graph_has_one_kernel_call_per_conv(rng):
         assert op not in text
 
 
-@pytest.mark.parametrize("lanes", [4, 8, 16])
-def test_default_knobs_fit_the_register_file(lanes):
+@pytest.mark.parametrize("lanes,x86", [(4, True), (4, False), (8, True), (16, True)])
+def test_default_knobs_fit_the_register_file(lanes, x86):
     for shape in (ConvShape(1, 64, 56, 56, 64, 3, 3, padding=(1, 1, 1, 1)),
                   ConvShape(1, 3, 224, 224, 64, 11, 11, (4, 4), (2, 2, 2, 2)),
                   ConvShape(1, 512, 7, 7, 512, 3, 3, padding=(1, 1, 1, 1)),
                   ConvShape(1, 6, 10, 10, 6, 3, 3, groups=6)):
-        k = conv_cpu.default_conv_knobs(shape, lanes)
+        regs = conv_cpu.vector_registers(lanes, x86)
+        k = conv_cpu.default_conv_knobs(shape, lanes, regs)
         assert k.oc_block % lanes == 0
         vecs = k.oc_block // lanes
         accumulators = k.ow_tile * vecs
-        assert accumulators + vecs + 1 <= conv_cpu.vector_registers(lanes)
+        assert accumulators + vecs + 1 <= regs
+        assert k.ow_tile >= min(4, shape.out_size[0] * shape.out_size[1])  # not degenerate
 
 
 def _fma_blocks(target: dict, shape: ConvShape, fma: str):
