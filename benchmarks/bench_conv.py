@@ -38,6 +38,8 @@ log = logging.getLogger("bench")
 # Where the results go: one variable (per-machine-class folders may replace it).
 OUT_DIR = common.RESULTS_DIR
 STEM = "conv"
+# the CPUs we may use, read before TVM's pool starts (it pins this thread to one core)
+CORES = len(os.sched_getaffinity(0))
 
 
 @dataclass(frozen=True)
@@ -217,7 +219,7 @@ def main(argv=None) -> int:
     profile = resolve_target("x86")
     threads = num_threads()
     # one thread (TVM_NUM_THREADS=1) writes its own files beside the all-cores ones
-    stem = STEM if threads == len(os.sched_getaffinity(0)) else f"{STEM}_{threads}thread"
+    stem = STEM if threads == CORES else f"{STEM}_{threads}thread"
     info = common.machine_info(profile)
     rows: list[Row] = []
     for net in args.networks:
