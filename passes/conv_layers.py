@@ -5,6 +5,12 @@ weight, ``groups=1``), optionally followed by the bias ``add`` the ONNX importer
 (``reshape`` of a constant of O values to ``[1, O, 1, 1]``) and by ``nn.relu``, fused only when
 nothing else reads the intermediate result.
 
+For the kernels (``kernels=True``, what ``RewriteConvLayers`` asks for) a layer also takes
+grouped and depthwise convolutions, folds an inference ``nn.batch_norm`` with constant
+statistics into its weight and bias, and absorbs a residual ``add`` of another tensor of the
+output's shape (ResNet's ``Conv -> BatchNormalization -> Add -> Relu``). Pruning asks for the
+plain form: it must see and replace the weight exactly as the graph holds it.
+
 Unfolded over its input patches (im2col), a convolution is a dense layer: ``W`` becomes the
 matrix ``W[O, C*KH*KW]`` (ONNX's own flattening, channel-major) and each output position reads
 one patch row of ``C*KH*KW`` inputs. SIMD-aware weight pruning and our dense-layer kernels
@@ -40,6 +46,9 @@ class ConvLayer:
     bias: np.ndarray | None = None  # [O] float32
     relu: bool = False
     fused: list[relax.Var] = field(default_factory=list)
+    groups: int = 1
+    residual: relax.Expr | None = None  # added to the output before the ReLU
+    batch_norm: bool = False  # an inference BatchNormalization folded into kernel and bias
 
     @property
     def weight(self) -> np.ndarray:
@@ -86,9 +95,10 @@ def _channel_bias(expr: relax.Expr, values: dict, channels: int) -> np.ndarray |
     return np.ascontiguousarray(arr.reshape(channels))
 
 
-def find_conv_layers(func: relax.Function, warn: bool = True) -> list[ConvLayer]:
+def find_conv_layers(func: relax.Function, warn: bool = True, kernels: bool = False) -> list[ConvLayer]:
     """The conv layers of ``func`` that we take, in binding order; others are left as they
-    are (with a warning when ``warn``)."""
+    are (with a warning when ``warn``). ``kernels``: also grouped / depthwise convolutions, with
+    a following batch norm folded in and a residual add absorbed (see the module docstring)."""
     counter = UseCounter()
     counter.visit_expr(func)
     bindings = var_bindings(func)
@@ -107,7 +117,7 @@ def find_conv_layers(func: relax.Function, warn: bool = True) -> list[ConvLayer]
         reason = None
         if ty is None or ty.ndim != 4 or str(ty.dtype) != "float32" or kernel.dtype != np.float32:
             reason = "only float32 inputs of rank 4 are supported"
-        elif int(attrs.groups) != 1:
+        elif int(attrs.groups) != 1 and not kernels:
             reason = f"grouped convolution (groups={int(attrs.groups)}) is not supported"
         elif (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout)) != ("NCHW", "OIHW", "NCHW"):
             reason = f"layout {attrs.data_layout}/{attrs.kernel_layout} is not supported"
@@ -121,9 +131,89 @@ def find_conv_layers(func: relax.Function, warn: bool = True) -> list[ConvLayer]
                             "x".join(map(str, kernel.shape)), reason)
             continue
         layer = ConvLayer(len(layers), data, kernel, weight, b.var, b.var, _ints(attrs.strides),
-                          _padding(attrs.padding), _ints(attrs.dilation))
+                          _padding(attrs.padding), _ints(attrs.dilation), groups=int(attrs.groups))
         channels = layer.shape[0]
-        absorb_epilogue(layer, values, readers, counter.uses,
-                        bias_of=lambda expr, o=channels: _channel_bias(expr, values, o))
+        bias_of = lambda expr, o=channels: _channel_bias(expr, values, o)  # noqa: E731
+        if kernels:
+            _absorb_for_kernels(layer, bindings, values, readers, counter.uses, bias_of)
+        else:
+            absorb_epilogue(layer, values, readers, counter.uses, bias_of=bias_of)
         layers.append(layer)
     return layers
+
+
+def _sole_reader(layer: ConvLayer, values: dict, readers: dict, uses: dict, op: str):
+    nxt = readers.get(layer.output)
+    if nxt is not None and uses.get(layer.output) == 1 and op_name(values[nxt]) == op:
+        return nxt
+    return None
+
+
+def _fold_batch_norm(layer: ConvLayer, bindings, values: dict, readers: dict, uses: dict) -> None:
+    """``batch_norm(conv)[0]`` with constant statistics (inference) -> scaled kernel and bias."""
+    bn = _sole_reader(layer, values, readers, uses, "relax.nn.batch_norm")
+    if bn is None:
+        return
+    call = values[bn]
+    if int(call.attrs.axis) != 1 or bool(call.attrs.training):
+        return
+    params = [const_array(a) for a in call.args[1:5]]
+    o = layer.kernel.shape[0]
+    if any(p is None or p.size != o for p in params):
+        return
+    items = {}
+    for b in bindings:
+        if isinstance(b.value, relax.TupleGetItem) and b.value.tuple_value.same_as(bn):
+            items[int(b.value.index)] = b.var
+    # only the normalized output may be read (the mean/var outputs are the importer's leftovers)
+    if 0 not in items or any(uses.get(v, 0) for i, v in items.items() if i != 0):
+        return
+    gamma, beta, mean, var = (p.astype(np.float64).reshape(o) for p in params)
+    scale = gamma / np.sqrt(var + float(call.attrs.epsilon))
+    bias = layer.bias.astype(np.float64) if layer.bias is not None else np.zeros(o)
+    layer.kernel = (layer.kernel.astype(np.float64) * scale.reshape(o, 1, 1, 1)).astype(np.float32)
+    layer.bias = ((bias - mean) * scale + beta).astype(np.float32)
+    layer.batch_norm = True
+    layer.fused += [layer.output, bn]
+    layer.output = items[0]
+
+
+def _same_dim(a, b) -> bool:
+    if isinstance(a, tirx.IntImm) and isinstance(b, tirx.IntImm):
+        return int(a) == int(b)
+    return a.same_as(b)
+
+
+def _absorb_residual(layer: ConvLayer, values: dict, readers: dict, uses: dict) -> None:
+    """``add(conv, skip)`` where ``skip`` is a float32 tensor of exactly the output's shape."""
+    add = _sole_reader(layer, values, readers, uses, "relax.add")
+    if add is None:
+        return
+    lhs, rhs = values[add].args
+    other = rhs if lhs.same_as(layer.output) else lhs
+    ty, out_ty = tensor_type(other), tensor_type(layer.output)
+    if (ty is None or out_ty is None or const_array(other) is not None or str(ty.dtype) != "float32"
+            or ty.shape is None or out_ty.shape is None or ty.ndim != 4
+            or not all(_same_dim(a, b) for a, b in zip(ty.shape.values, out_ty.shape.values))):
+        return
+    layer.residual = other
+    layer.fused.append(layer.output)
+    layer.output = add
+
+
+def _absorb_for_kernels(layer: ConvLayer, bindings, values, readers, uses, bias_of) -> None:
+    """conv [+ bias] [-> batch norm] [+ bias] [+ residual] [-> relu], each part optional."""
+    add = _sole_reader(layer, values, readers, uses, "relax.add")
+    if add is not None:
+        lhs, rhs = values[add].args
+        bias = bias_of(rhs if lhs.same_as(layer.output) else lhs)
+        if bias is not None:
+            layer.bias = bias
+            layer.fused.append(layer.output)
+            layer.output = add
+    _fold_batch_norm(layer, bindings, values, readers, uses)
+    _absorb_residual(layer, values, readers, uses)
+    if _sole_reader(layer, values, readers, uses, "relax.nn.relu") is not None:
+        layer.relu = True
+        layer.fused.append(layer.output)
+        layer.output = readers[layer.output]

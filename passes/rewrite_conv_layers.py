@@ -1,4 +1,10 @@
-"""``RewriteConvLayers``: every conv layer becomes im2col + a call of our patch kernel.
+"""``RewriteConvLayers``: every conv layer becomes a call of one of our conv kernels.
+
+A layer whose weight is dense (or not sparse enough to pay) becomes a call of the blocked
+NCHW[x]c convolution kernel (``schedules.conv2d``: weights packed at compile time, an
+output-width x output-channel tile in vector registers, NeoCPU's scheme); grouped and depthwise
+convolutions take its grouped / channel-blocked forms. A grouped-sparse weight (SIMD-aware
+CONV weight pruning) becomes im2col + our patch kernel, as below.
 
 TVM's own conv2d has no CPU schedule without tuning (it runs LeNet-5's convolutions as plain
 loops), and TOPI has no sparse convolution at all. Unfolding the input patches (im2col) turns a
@@ -13,6 +19,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import tvm
 from tvm import relax, te, tirx
 
@@ -20,7 +27,8 @@ from tvm_scalpel import schedules
 from tvm_scalpel.targets import resolve_target
 
 from .conv_layers import ConvLayer, find_conv_layers
-from .rewrite_dense_layers import KernelLowering, LayerDecision, LayerRewriter, Mode
+from .dense_layers import emit_in_place_of
+from .rewrite_dense_layers import KernelLowering, LayerDecision, Mode
 
 log = logging.getLogger("tvm_scalpel.passes")
 
@@ -46,26 +54,90 @@ def im2col(data: te.Tensor, layer: ConvLayer) -> te.Tensor:
     return te.compute((data.shape[0], channels, kh, kw, oh, ow), value, name="im2col")
 
 
-def _lower_conv(lowering: KernelLowering):
-    """``lower(builder, layer, data, sparse)`` for ``LayerRewriter``: im2col, the patch kernel,
-    and a free reshape of its ``[B, O, OH*OW]`` result to NCHW."""
+def conv_shape(layer: ConvLayer, data: relax.Expr) -> schedules.ConvShape:
+    """The layer as the conv kernels see it (the batch may be symbolic)."""
+    batch, channels, height, width = data.ty.shape.values
+    o, _, kh, kw = layer.kernel.shape
+    batch = int(batch) if isinstance(batch, tirx.IntImm) else batch
+    return schedules.ConvShape(batch, int(channels), int(height), int(width), int(o), int(kh),
+                               int(kw), layer.strides, layer.padding, layer.dilation, layer.groups)
 
-    def lower(bb: relax.BlockBuilder, layer: ConvLayer, data: relax.Expr, sparse) -> relax.Expr:
-        batch, _, height, width = data.ty.shape.values
-        oh, ow = layer.output_size(int(height), int(width))
-        n, k = layer.shape
-        positions = oh * ow
-        patches = bb.emit_te(lambda x: im2col(x, layer), data, primfunc_name_hint="scalpel_im2col")
-        cols = bb.emit(relax.op.reshape(patches, relax.ShapeExpr([batch, k, positions])))
-        knobs = schedules.CpuKnobs(parallel_gemm=n * k * positions >= schedules.PARALLEL_MIN_MACS)
+
+def _lower_patch(bb: relax.BlockBuilder, lowering: KernelLowering, layer: ConvLayer,
+                 data: relax.Expr, sparse, residual: relax.Expr | None) -> relax.Expr:
+    """im2col, the patch kernel, and a free reshape of its ``[B, O, OH*OW]`` result to NCHW
+    (a residual input is added, and the ReLU applied, after it)."""
+    batch, _, height, width = data.ty.shape.values
+    oh, ow = layer.output_size(int(height), int(width))
+    n, k = layer.shape
+    positions = oh * ow
+    patches = bb.emit_te(lambda x: im2col(x, layer), data, primfunc_name_hint="scalpel_im2col")
+    cols = bb.emit(relax.op.reshape(patches, relax.ShapeExpr([batch, k, positions])))
+    knobs = schedules.CpuKnobs(parallel_gemm=n * k * positions >= schedules.PARALLEL_MIN_MACS)
+    relu = layer.relu
+    if residual is not None:
+        layer.relu = False  # the ReLU comes after the residual add
+    try:
         spec, name, operands = lowering.operands(layer, sparse, knobs)
-        kernel = bb.add_func(schedules.patch_kernel(lowering.profile, spec, positions),
-                             name.replace("_dense_", "_conv_", 1))
-        out = bb.emit(relax.call_tir(kernel, [cols] + [relax.const(a) for a in operands],
-                                     out_ty=relax.TensorType((batch, n, positions), "float32")))
-        return relax.op.reshape(out, relax.ShapeExpr([batch, n, oh, ow]))
+    finally:
+        layer.relu = relu
+    kernel = bb.add_func(schedules.patch_kernel(lowering.profile, spec, positions),
+                         name.replace("_dense_", "_conv_", 1))
+    out = bb.emit(relax.call_tir(kernel, [cols] + [relax.const(a) for a in operands],
+                                 out_ty=relax.TensorType((batch, n, positions), "float32")))
+    out = relax.op.reshape(out, relax.ShapeExpr([batch, n, oh, ow]))
+    if residual is None:
+        return out
+    out = relax.op.add(bb.emit(out), residual)
+    return relax.op.nn.relu(bb.emit(out)) if relu else out
 
-    return lower
+
+def _lower_blocked(bb: relax.BlockBuilder, profile, layer: ConvLayer, data: relax.Expr,
+                   residual: relax.Expr | None, knobs_for=None) -> relax.Expr:
+    """One call of the NCHW[x]c conv kernel (bias, residual and ReLU fused)."""
+    shape = conv_shape(layer, data)
+    knobs = (knobs_for(shape) if knobs_for is not None else None) or schedules.default_conv_knobs(
+        profile, shape)
+    func = schedules.conv2d(profile, shape, knobs, relu=layer.relu, residual=residual is not None)
+    o, i, kh, kw = layer.kernel.shape
+    kind = "dw" if shape.depthwise else (f"g{shape.groups}_" if shape.groups > 1 else "")
+    gv = bb.add_func(func, f"scalpel_conv_{kind}{o}x{i}x{kh}x{kw}")
+    args = [data, relax.const(schedules.pack_conv_weight(layer.kernel, shape, knobs)),
+            relax.const(schedules.pack_conv_bias(layer.bias, shape, knobs))]
+    if residual is not None:
+        args.append(residual)
+    oh, ow = shape.out_size
+    return relax.call_tir(gv, args, out_ty=relax.TensorType((data.ty.shape.values[0], o, oh, ow), "float32"))
+
+
+@relax.expr_functor.mutator
+class ConvRewriter(relax.expr_functor.PyExprMutator):
+    """``LayerRewriter`` for conv layers: also remaps the residual input a layer absorbed."""
+
+    def __init__(self, mod: tvm.IRModule, lower) -> None:
+        super().__init__(mod)
+        self.lower = lower
+        self.plan: dict = {}
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        planned = self.plan.get(binding.var)
+        if planned is None:
+            return super().visit_var_binding_(binding)
+        layer, sparse = planned
+        residual = self.visit_expr(layer.residual) if layer.residual is not None else None
+        value = self.lower(self.builder_, layer, self.visit_expr(layer.data), sparse, residual)
+        self.set_var_remap(binding.var, emit_in_place_of(self.builder_, binding.var, value))
+
+    def rewrite(self, mod: tvm.IRModule, plan_of) -> tvm.IRModule:
+        """Rewrite every Relax function of ``mod`` by the plan ``plan_of(func)`` makes for it."""
+        for gv, func in mod.functions_items():
+            if not isinstance(func, relax.Function):
+                continue
+            self.plan = plan_of(func)
+            if self.plan:
+                new_func = self.visit_expr(func)
+                self.builder_.update_func(gv, relax.analysis.remove_all_unused(new_func))
+        return self.builder_.finalize()
 
 
 @tvm.transform.module_pass(opt_level=0, name="RewriteConvLayers")
@@ -80,20 +152,30 @@ class RewriteConvLayers:
         out = reshape(y, [B, O, OH, OW])
 
     where the patch kernel (``schedules.patch_kernel``: one weight broadcast into FMAs over
-    SIMD vectors of output positions) reads the unfolded weight ``W[O, C*KH*KW]`` dense or
-    grouped-sparse, chosen exactly as ``RewriteDenseLayers`` chooses: grouped-sparse when its
-    zeros form groups and the cost model says sparse pays (``mode="auto"``), dense otherwise.
-    On targets we have no dense kernels for (GPUs), conv layers are left to TVM.
+    SIMD vectors of output positions) reads the unfolded weight ``W[O, C*KH*KW]`` grouped-sparse,
+    when its zeros form groups and the cost model says sparse pays (chosen exactly as
+    ``RewriteDenseLayers`` chooses, ``mode="auto"``). Every other layer, and every grouped or
+    depthwise one, becomes one call of the blocked conv kernel (``schedules.conv2d``):
 
-    Parameters are those of ``RewriteDenseLayers``; reported decisions have ``kind="conv"``.
+        y = call_tir(conv2d_nchwc, (x, W_packed, bias_packed[, skip]))   # NCHW in and out
+
+    with a following inference BatchNormalization folded into ``W`` and the bias, and a
+    residual ``add`` and ReLU fused. On targets we have no dense kernels for (GPUs), conv layers
+    are left to TVM.
+
+    Parameters are those of ``RewriteDenseLayers``; reported decisions have ``kind="conv"``,
+    ``kernel`` "grouped-sparse" (patch kernel) or "dense" (blocked kernel; "dense grouped" /
+    "dense depthwise" for those); ``conv_knobs_for(shape) -> ConvKnobs | None`` may override the
+    blocked kernel's knobs (default: ``schedules.default_conv_knobs``).
     """
 
     def __init__(self, target=None, mode: Mode = "auto", report: list[LayerDecision] | None = None,
-                 knobs_for=None):
+                 knobs_for=None, conv_knobs_for=None):
         self.profile = resolve_target(target)
         self.mode = mode
         self.report = report
         self.knobs_for = knobs_for
+        self.conv_knobs_for = conv_knobs_for
 
     def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
         if not schedules.supports_dense(self.profile):
@@ -102,8 +184,11 @@ class RewriteConvLayers:
 
         def plan_of(func: relax.Function) -> dict:
             plan = {}
-            for layer in find_conv_layers(func):
-                decision, sparse = lowering.decide(layer, kind="conv")
+            for layer in find_conv_layers(func, kernels=True):
+                if layer.groups == 1:
+                    decision, sparse = lowering.decide(layer, kind="conv")
+                else:  # no sparse grouped kernel: the blocked one
+                    decision, sparse = _grouped_decision(layer), None
                 plan[layer.output] = (layer, sparse)
                 if self.report is not None:
                     self.report.append(decision)
@@ -111,4 +196,19 @@ class RewriteConvLayers:
                          decision.shape, decision.kernel, decision.group_width, decision.density)
             return plan
 
-        return LayerRewriter(mod, _lower_conv(lowering)).rewrite(mod, plan_of)
+        def lower(bb, layer, data, sparse, residual):
+            if sparse is not None:
+                return _lower_patch(bb, lowering, layer, data, sparse, residual)
+            return _lower_blocked(bb, self.profile, layer, data, residual, self.conv_knobs_for)
+
+        return ConvRewriter(mod, lower).rewrite(mod, plan_of)
+
+
+def _grouped_decision(layer: ConvLayer) -> LayerDecision:
+    n, k = layer.shape
+    w = layer.weight
+    depthwise = layer.kernel.shape[1] == 1 and layer.groups == layer.kernel.shape[0]
+    return LayerDecision(index=layer.index, name=str(layer.output.name), shape=(n, k),
+                         kernel="dense depthwise" if depthwise else "dense grouped", group_width=0,
+                         density=float(np.count_nonzero(w)) / w.size, estimated_speedup=0.0,
+                         bytes=n * k * 4, weight=w, kind="conv")

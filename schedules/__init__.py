@@ -12,6 +12,7 @@ from tvm import tirx
 from tvm_scalpel.errors import ScalpelError
 from tvm_scalpel.targets import TargetProfile
 
+from .conv_cpu import ConvKnobs, ConvShape
 from .x86 import CpuKnobs, LayerSpec, PackedGroupedSparse, pack_grouped_sparse
 
 __all__ = [
@@ -27,6 +28,12 @@ __all__ = [
     "supports",
     "supports_dense",
     "patch_kernel",
+    "ConvKnobs",
+    "ConvShape",
+    "default_conv_knobs",
+    "conv2d",
+    "pack_conv_weight",
+    "pack_conv_bias",
 ]
 
 # Multiply-adds per call above which spreading rows over threads beats the fork/join cost of
@@ -115,3 +122,42 @@ def patch_kernel(profile: TargetProfile, spec: LayerSpec, positions: int) -> tir
     from . import x86
 
     return x86.patch_kernel(spec, positions)
+
+
+def _conv_lanes(profile: TargetProfile) -> int:
+    return max(profile.simd_width, 4)
+
+
+def default_conv_knobs(profile: TargetProfile, shape: ConvShape) -> ConvKnobs:
+    """The blocked conv kernel's knobs by the rule of ``conv_cpu.default_conv_knobs``."""
+    from . import conv_cpu
+
+    triple = str(profile.target.attrs.get("mtriple", "")) if profile.kind == "llvm" else ""
+    x86 = triple.startswith(("x86", "i386", "i686")) or not triple
+    lanes = _conv_lanes(profile)
+    return conv_cpu.default_conv_knobs(shape, lanes, conv_cpu.vector_registers(lanes, x86))
+
+
+def conv2d(profile: TargetProfile, shape: ConvShape, knobs: ConvKnobs | None = None,
+           relu: bool = False, residual: bool = False) -> tirx.PrimFunc:
+    """The blocked (NCHW[x]c) dense / grouped / depthwise conv kernel: parameters ``data,
+    weight, bias[, residual], out``, data and out NCHW, weight and bias packed by
+    :func:`pack_conv_weight` / :func:`pack_conv_bias` with the same knobs; CPU targets only."""
+    if not supports_dense(profile):
+        raise ScalpelError(f"no convolution kernel for target kind {profile.kind!r}")
+    from . import conv_cpu
+
+    knobs = knobs or default_conv_knobs(profile, shape)
+    return conv_cpu.conv2d_kernel(shape, knobs, _conv_lanes(profile), relu, residual)
+
+
+def pack_conv_weight(kernel, shape: ConvShape, knobs: ConvKnobs):
+    from . import conv_cpu
+
+    return conv_cpu.pack_weight(kernel, shape, knobs)
+
+
+def pack_conv_bias(bias, shape: ConvShape, knobs: ConvKnobs):
+    from . import conv_cpu
+
+    return conv_cpu.pack_bias(bias, shape, knobs)

@@ -114,13 +114,24 @@ def test_conv_weight_pruning_groups_the_unfolded_kernel(rng, g):
 
 
 def test_unsupported_conv_is_left_to_tvm_with_a_warning(rng, caplog):
-    w = rng.standard_normal((4, 1, 3, 3)).astype(np.float32)  # groups=2 over 2 channels
-    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[3, 3], group=2)]
-    model = make_model(nodes, [numpy_helper.from_array(w, "w")], [("x", [1, 2, 6, 6])], [("y", [1, 4, 4, 4])])
+    w = rng.standard_normal((4, 2, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[3, 3])]
+    # a symbolic image size: the kernels need static spatial extents
+    model = make_model(nodes, [numpy_helper.from_array(w, "w")], [("x", [1, 2, "H", "W"])], [("y", [1, 4, "OH", "OW"])])
     with caplog.at_level(logging.WARNING):
         built = compile_onnx(model, "x86")
     assert built.layers == []
-    assert any("groups=2" in r.getMessage() for r in caplog.records)
+    assert any("static channel and image size" in r.getMessage() for r in caplog.records)
+    x = rng.standard_normal((1, 2, 6, 7)).astype(np.float32)
+    assert rel_err(vm_run(built.executable, x), ort_run(model, x)) < 1e-5
+
+
+def test_grouped_conv_takes_our_grouped_kernel(rng):
+    w = rng.standard_normal((4, 1, 3, 3)).astype(np.float32)  # groups=2 over 2 channels
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[3, 3], group=2)]
+    model = make_model(nodes, [numpy_helper.from_array(w, "w")], [("x", [1, 2, 6, 6])], [("y", [1, 4, 4, 4])])
+    built = compile_onnx(model, "x86")
+    assert [(d.kind, d.kernel) for d in built.layers] == [("conv", "dense grouped")]
     x = rng.standard_normal((1, 2, 6, 6)).astype(np.float32)
     assert rel_err(vm_run(built.executable, x), ort_run(model, x)) < 1e-5
 
