@@ -35,8 +35,6 @@ from tvm_scalpel.threads import num_threads  # noqa: E402
 
 log = logging.getLogger("bench")
 
-# Where the results go: one variable (per-machine-class folders may replace it).
-OUT_DIR = common.RESULTS_DIR
 STEM = "conv"
 # the CPUs we may use, read before TVM's pool starts (it pins this thread to one core)
 CORES = len(os.sched_getaffinity(0))
@@ -212,7 +210,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.networks, args.batches, args.repeat = ["AlexNet"], [1], 3
     if args.out_dir is None:
-        args.out_dir = OUT_DIR / "quick" if args.quick else OUT_DIR
+        args.out_dir = common.results_dir(quick=args.quick)
     cfg = common.apply_timing_args(args)
     common.setup_logging(args.verbose)
     start = time.time()
