@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -160,6 +161,7 @@ def build_variants(model: onnx.ModelProto, profile) -> list[Variant]:
 def layer_times(model: onnx.ModelProto, batch: int, profile, min_repeat_ms: float) -> list[tuple[str, str, float]]:
     """``(kernel, output shape, us)`` of each kernel call of our compiled model, in order."""
     from tvm_scalpel.passes import FuseDenseChains, RewriteConvLayers, RewriteDenseLayers
+    from tvm_scalpel.passes.dense_layers import const_array
     from tvm.relax.backend import cpu_generic
 
     mod = to_relax(with_batch(model, batch))
@@ -178,15 +180,16 @@ def layer_times(model: onnx.ModelProto, batch: int, profile, min_repeat_ms: floa
                 continue
             gv = call.args[0]
             name = gv.name_hint
-            if "reshape" in name:  # a free view in the VM
+            if re.fullmatch(r"reshape\d*", name):  # a free view in the VM (fused ones are kept)
                 continue
             out_ty = binding.var.ty
             if not isinstance(out_ty, relax.TensorType):
                 continue
             arrays = []
             for arg in call.args[1].fields:
-                if isinstance(arg, relax.Constant):
-                    arrays.append(arg.data.numpy())
+                value = const_array(arg)
+                if value is not None:
+                    arrays.append(value)
                 else:
                     shape = [int(d) for d in arg.ty.shape.values]
                     arrays.append(rng.standard_normal(shape).astype(str(arg.ty.dtype)))
@@ -197,7 +200,7 @@ def layer_times(model: onnx.ModelProto, batch: int, profile, min_repeat_ms: floa
                 compiled[name] = tvm.compile(tvm.IRModule({"main": func}), target=profile.target).mod
             args = [tvm.runtime.tensor(a) for a in arrays]
             timer = compiled[name].time_evaluator("main", tvm.cpu(), number=1, repeat=5,
-                                                  min_repeat_ms=min_repeat_ms)
+                                                  min_repeat_ms=int(min_repeat_ms))
             rows.append((name, "x".join(map(str, out_shape)), float(np.median(timer(*args).results)) * 1e6))
     return rows
 
@@ -299,6 +302,11 @@ def size_table(results: list[NetResult]) -> str:
     return markdown_table(headers, rows)
 
 
+def us_text(us: float) -> str:
+    text = fmt_us(us)
+    return text if text.endswith("ms") else f"{text} us"
+
+
 def layers_section(results: list[NetResult], top: int) -> list[str]:
     out = []
     for r in results:
@@ -307,8 +315,8 @@ def layers_section(results: list[NetResult], top: int) -> list[str]:
                 total = sum(us for _, _, us in rows) or 1.0
                 ranked = sorted(enumerate(rows), key=lambda ir: -ir[1][2])[:top]
                 out += [f"### {r.name}, batch {bs}, {LABELS[key]}", "",
-                        f"Sum of the {len(rows)} kernels: {fmt_us(total)} us (whole model: "
-                        f"{fmt_us(r.times[bs][key].median_us)} us).", "",
+                        f"Sum of the {len(rows)} kernels: {us_text(total)} (whole model: "
+                        f"{us_text(r.times[bs][key].median_us)}).", "",
                         markdown_table(["#", "kernel", "output", "us", "share"],
                                        [[i, name, shape, fmt_us(us), f"{us / total * 100:.1f}%"]
                                         for i, (name, shape, us) in ranked]), ""]
