@@ -138,3 +138,12 @@ def test_fused_chain_keeps_packed_layers():
     specs = [x86.LayerSpec.from_attr(a) for a in chains[0].attrs["scalpel.layers"]]
     assert [s.n for s in specs] == [70, 45, 10]
     assert all(s.panel == x86.panel_width(host.simd_width) for s in specs)
+
+
+def test_panel_gemm_neon_code():
+    """aarch64 (compile only, no toolchain needed to generate code): the dense layers' panel
+    GEMM runs on NEON FMAs over 4 fp32 lanes."""
+    built = compile_onnx(mlp([40, 24, 6], seed=5), "aarch64")
+    assert [d.kernel for d in built.layers] == ["dense", "dense"]
+    asm = built.executable.mod.imports[0].inspect_source("asm")
+    assert re.search(r"fmla\s+v\d+\.4s", asm)
