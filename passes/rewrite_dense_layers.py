@@ -128,9 +128,10 @@ class KernelLowering:
         n, k = layer.shape
         batch = tensor_batch(data)
         out_ty = relax.TensorType((batch, n), "float32")
-        spec, name, operands = self.operands(layer, sparse, packed=True)
-        args = [data] + [relax.const(a) for a in operands]
         tuned = self.tuned_dense(layer, batch) if sparse is None else None
+        # our dense kernel reads the weight in GEMM panels; meta_schedule's reads W[N, K] rows
+        spec, name, operands = self.operands(layer, sparse, packed=tuned is None)
+        args = [data] + [relax.const(a) for a in operands]
         if tuned is not None:  # bias inside, ReLU after: the tuned workload has none
             call = relax.call_tir(bb.add_func(tuned, f"scalpel_tuned_dense_{n}x{k}"), args, out_ty=out_ty)
             return relax.op.nn.relu(bb.emit(call)) if layer.relu else call

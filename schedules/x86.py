@@ -11,6 +11,10 @@ reduction) and so that several layers can be emitted into one function (``chain_
   wait on each other's FMA latency;
 * batch > 1 (GEMM) processes ``batch_tile`` inputs at once: each loaded group of weights is used
   ``batch_tile`` times from registers; the leftover inputs take the GEMV path;
+* dense layers (``LayerSpec.panel``) read their weight packed into panels of nr outputs
+  (``pack_dense_panels``) and run a register-blocked GEMM micro-kernel: mr inputs x nr outputs
+  of accumulators, one broadcast input times nr/lanes weight vectors a step (no lane sums),
+  K in cache-sized blocks, threads over panels; batch 1 is the same kernel with mr = 1;
 * the lanes of an accumulator are summed by halving (log2 g vector adds), not by a chain of g
   dependent scalar adds, which at a few groups a row cost more than the groups themselves;
 * rows are spread over the thread pool only where it pays (``parallel`` knobs).
