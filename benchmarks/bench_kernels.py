@@ -8,7 +8,7 @@ width (16 with AVX-512) for Scalpel, g = 1 for traditional (unstructured) prunin
 * ours: the grouped-sparse kernel, g = SIMD width, on the g-pruned matrix;
 * CSR (ours): the same kernel with g = 1 on the g=1-pruned matrix;
 * scipy CSR: ``scipy.sparse.csr_matrix @ x.T`` on the g=1-pruned matrix;
-* dense TVM: our scheduled dense kernel (``schedules.dense``);
+* dense TVM: our scheduled dense kernel on panel-packed weights (``schedules.dense(packed=True)``, as ``compile`` uses it);
 * TVM default: a single-Gemm ONNX model through ``from_onnx`` + ``tvm.compile`` (untuned);
 * onnxruntime dense: the same Gemm model (faster of 1 and 2 intra-op threads) — the reference;
 * numpy dense: ``x @ W.T + b``.
@@ -237,8 +237,9 @@ def bench_layer(layer: Layer, rates: tuple[float, ...], batches: tuple[int, ...]
 
     # ---- dense contenders (rate-independent) --------------------------------------------------
     model = gemm_model(w, b)
-    dense_tvm = KernelRunner(
-        compile_prim_func(schedules.dense(profile, layer.n, layer.k, relu=False), profile), [w, b], layer.n)
+    dense_spec = schedules.layer_spec(profile, layer.n, layer.k, False, packed=True)  # as compile does
+    dense_tvm = KernelRunner(compile_prim_func(schedules.kernel(profile, [dense_spec]), profile),
+                             schedules.pack_dense(dense_spec, w, b), layer.n)
     default_vm = compile_tvm_default(model, profile.target) if tvm_default_batches else None
     sessions = ort_sessions(model, (1, 2))
     for bs in batches:

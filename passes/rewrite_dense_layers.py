@@ -106,13 +106,14 @@ class KernelLowering:
         )
         return decision, (sparse if go_sparse else None)
 
-    def operands(self, layer, sparse: GroupedSparseMatrix | None, knobs=None):
-        """``(LayerSpec, kernel name, constant operands)`` of the layer's kernel."""
+    def operands(self, layer, sparse: GroupedSparseMatrix | None, knobs=None, packed: bool = False):
+        """``(LayerSpec, kernel name, constant operands)`` of the layer's kernel; ``packed``: a
+        dense weight in GEMM panels (the FC kernel's layout; the conv patch kernel reads rows)."""
         n, k = layer.shape
         bias = layer.bias if layer.bias is not None else np.zeros(n, np.float32)
         if sparse is None:
-            spec = schedules.layer_spec(self.profile, n, k, layer.relu, knobs=knobs)
-            return spec, f"scalpel_dense_{n}x{k}", [np.ascontiguousarray(layer.weight), bias]
+            spec = schedules.layer_spec(self.profile, n, k, layer.relu, knobs=knobs, packed=packed)
+            return spec, f"scalpel_dense_{n}x{k}", schedules.pack_dense(spec, layer.weight, bias)
         packed = schedules.pack_grouped_sparse(sparse)  # handles an all-zero layer too
         if knobs is None and self.knobs_for is not None:
             rate = 1.0 - float(np.count_nonzero(layer.weight)) / layer.weight.size
@@ -127,9 +128,10 @@ class KernelLowering:
         n, k = layer.shape
         batch = tensor_batch(data)
         out_ty = relax.TensorType((batch, n), "float32")
-        spec, name, operands = self.operands(layer, sparse)
-        args = [data] + [relax.const(a) for a in operands]
         tuned = self.tuned_dense(layer, batch) if sparse is None else None
+        # our dense kernel reads the weight in GEMM panels; meta_schedule's reads W[N, K] rows
+        spec, name, operands = self.operands(layer, sparse, packed=tuned is None)
+        args = [data] + [relax.const(a) for a in operands]
         if tuned is not None:  # bias inside, ReLU after: the tuned workload has none
             call = relax.call_tir(bb.add_func(tuned, f"scalpel_tuned_dense_{n}x{k}"), args, out_ty=out_ty)
             return relax.op.nn.relu(bb.emit(call)) if layer.relu else call

@@ -12,6 +12,7 @@ from tvm import tirx
 from tvm_scalpel.errors import ScalpelError
 from tvm_scalpel.targets import TargetProfile
 
+from . import x86
 from .conv_cpu import ConvKnobs, ConvShape
 from .x86 import CpuKnobs, LayerSpec, PackedGroupedSparse, pack_grouped_sparse
 
@@ -20,6 +21,7 @@ __all__ = [
     "LayerSpec",
     "PackedGroupedSparse",
     "pack_grouped_sparse",
+    "pack_dense",
     "default_knobs",
     "layer_spec",
     "kernel",
@@ -77,11 +79,27 @@ def layer_spec(
     group_width: int = 0,
     n_groups: int = 0,
     knobs: CpuKnobs | None = None,
+    packed: bool = False,
 ) -> LayerSpec:
-    """A dense layer (``group_width=0``) or a grouped-sparse one, with the target's knobs."""
+    """A dense layer (``group_width=0``) or a grouped-sparse one, with the target's knobs.
+    ``packed``: a dense weight in GEMM panels (``pack_dense``) instead of row-major, on CPUs."""
     macs = n_groups * group_width if group_width else n * k
-    return LayerSpec(n, k, relu, group_width, n_groups, lanes=max(profile.simd_width, 1),
-                     knobs=knobs or default_knobs(profile, macs))
+    lanes = max(profile.simd_width, 1)
+    panel = x86.panel_width(lanes) if packed and not group_width and profile.kind == "llvm" else 0
+    return LayerSpec(n, k, relu, group_width, n_groups, lanes=lanes,
+                     knobs=knobs or default_knobs(profile, macs), panel=panel)
+
+
+def pack_dense(spec: LayerSpec, weight, bias=None) -> list:
+    """The constant operands of a dense layer's kernel, ``[weight, bias]`` in ``spec``'s layout
+    (``W[N, K]`` row-major, or packed into panels)."""
+    import numpy as np
+
+    w = np.ascontiguousarray(weight, dtype=np.float32)
+    b = np.zeros(spec.n, np.float32) if bias is None else np.asarray(bias, np.float32)
+    if spec.panel:
+        return list(x86.pack_dense_panels(w, b, spec.panel))
+    return [w, b]
 
 
 def kernel(profile: TargetProfile, specs: list[LayerSpec]) -> tirx.PrimFunc:
@@ -108,10 +126,12 @@ def grouped_sparse_dense(
 
 
 def dense(
-    profile: TargetProfile, n: int, k: int, relu: bool, knobs: CpuKnobs | None = None
+    profile: TargetProfile, n: int, k: int, relu: bool, knobs: CpuKnobs | None = None,
+    packed: bool = False,
 ) -> tirx.PrimFunc:
-    """``y = act(x @ W.T + b)`` for a dense row-major ``W[n, k]``."""
-    return kernel(profile, [layer_spec(profile, n, k, relu, knobs=knobs)])
+    """``y = act(x @ W.T + b)`` for a dense row-major ``W[n, k]`` (``packed``: the operands
+    ``pack_dense`` makes of it)."""
+    return kernel(profile, [layer_spec(profile, n, k, relu, knobs=knobs, packed=packed)])
 
 
 def patch_kernel(profile: TargetProfile, spec: LayerSpec, positions: int) -> tirx.PrimFunc:

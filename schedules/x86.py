@@ -11,6 +11,10 @@ reduction) and so that several layers can be emitted into one function (``chain_
   wait on each other's FMA latency;
 * batch > 1 (GEMM) processes ``batch_tile`` inputs at once: each loaded group of weights is used
   ``batch_tile`` times from registers; the leftover inputs take the GEMV path;
+* dense layers (``LayerSpec.panel``) read their weight packed into panels of nr outputs
+  (``pack_dense_panels``) and run a register-blocked GEMM micro-kernel: mr inputs x nr outputs
+  of accumulators, one broadcast input times nr/lanes weight vectors a step (no lane sums),
+  K in cache-sized blocks, threads over panels; batch 1 is the same kernel with mr = 1;
 * the lanes of an accumulator are summed by halving (log2 g vector adds), not by a chain of g
   dependent scalar adds, which at a few groups a row cost more than the groups themselves;
 * rows are spread over the thread pool only where it pays (``parallel`` knobs).
@@ -45,6 +49,10 @@ class CpuKnobs:
     # dense GEMM path: output rows computed together (register blocking). 4 (with batch_tile 8)
     # is 1.6x faster on AlexNet fc6 at batch 16 but slower on LeNet's layers: a tuning knob.
     row_tile: int = 1
+    # panel-packed dense path (LayerSpec.panel > 0): inputs per micro-kernel call, the mr of
+    # an mr x nr block of accumulators held in registers (0: by the vector width, gemm_tile)
+    gemm_rows: int = 0
+    gemm_kc: int = 0  # inputs k per K block of the panel GEMM (0: gemm_k_block's default)
 
 
 @dataclass(frozen=True)
@@ -58,10 +66,17 @@ class LayerSpec:
     n_groups: int = 0
     lanes: int = 16  # vector width of the dense kernel
     knobs: CpuKnobs = field(default_factory=CpuKnobs)
+    # dense weight layout: 0 = row-major W[N, K]; nr > 0 = panels P[ceil(N/nr), K, nr] of nr
+    # outputs each, zero-padded (``pack_dense_panels``), for the register-blocked GEMM
+    panel: int = 0
 
     @property
     def sparse(self) -> bool:
         return self.group_width > 0
+
+    @property
+    def panels(self) -> int:
+        return -(-self.n // self.panel) if self.panel else 0
 
     def operand_types(self) -> list[tuple[str, tuple[int, ...], str]]:
         """Constant operands after x, in kernel-parameter order."""
@@ -69,6 +84,9 @@ class LayerSpec:
             groups = max(self.n_groups, 1)  # an all-zero layer still needs a valid buffer
             return [("values", (groups, self.group_width), F32), ("offsets", (groups,), "int32"),
                     ("indptr", (self.n + 1,), "int32"), ("bias", (self.n,), F32)]
+        if self.panel:
+            return [("weight", (self.panels, self.k, self.panel), F32),
+                    ("bias", (self.panels * self.panel,), F32)]
         return [("weight", (self.n, self.k), F32), ("bias", (self.n,), F32)]
 
     def to_attr(self) -> dict:
@@ -119,6 +137,37 @@ def pack_grouped_sparse(m: GroupedSparseMatrix) -> PackedGroupedSparse:
         return PackedGroupedSparse(np.zeros((1, g), np.float32), np.zeros(1, np.int32),
                                    m.indptr.astype(np.int32))
     return PackedGroupedSparse(values, offsets.astype(np.int32), m.indptr.astype(np.int32))
+
+
+def gemm_tile(lanes: int) -> tuple[int, int]:
+    """``(mr, vectors)`` of the panel GEMM's micro-kernel for a vector width: mr inputs times
+    ``vectors`` SIMD vectors of outputs (nr = vectors * lanes) accumulate in registers, plus
+    ``vectors`` weight vectors and one broadcast input. AVX2 (8 lanes, 16 ymm): 6 x 2 = 12
+    accumulators, as MLAS's FMA3 kernel; AVX-512 (16 lanes, 32 zmm): 8 x 2; 4 lanes: 6 x 2
+    as well, which fits SSE's 16 registers (NEON has 32)."""
+    if lanes >= 16:
+        return 8, 2
+    return 6, 2
+
+
+def panel_width(lanes: int) -> int:
+    """nr: outputs per packed weight panel for a vector width."""
+    return gemm_tile(lanes)[1] * lanes
+
+
+def pack_dense_panels(w: np.ndarray, bias: np.ndarray | None, nr: int) -> tuple[np.ndarray, np.ndarray]:
+    """``W[N, K]`` into panels ``P[ceil(N/nr), K, nr]`` (``P[p, k, j] = W[p*nr + j, k]``) and the
+    bias into ``[ceil(N/nr) * nr]``, zero-padded: each step of the micro-kernel loads nr
+    consecutive weights of one input as whole vectors, streaming each panel once."""
+    n, k = w.shape
+    panels = -(-n // nr)
+    padded = np.zeros((panels * nr, k), np.float32)
+    padded[:n] = w
+    packed = np.ascontiguousarray(padded.reshape(panels, nr, k).transpose(0, 2, 1))
+    b = np.zeros(panels * nr, np.float32)
+    if bias is not None:
+        b[:n] = bias
+    return packed, b
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,7 +270,136 @@ def _dense_tile(spec: LayerSpec, x, weight, bias, y, b0, r0, rt: int, bt: int, f
             _finish(y, b0 + i, r0 + rr, acc[a, 0] + bias[r0 + rr], spec.relu)
 
 
+def _panel_block(spec: LayerSpec, x, weight, bias, y, b0, rows: int, p, valid: int, span) -> None:
+    """Outputs ``p*nr .. p*nr+valid-1`` of inputs ``b0 .. b0+rows-1`` over the inputs k of one
+    K block: the micro-kernel.
+
+    ``rows x vectors`` accumulators (times ``split``: independent partial sums over
+    alternating inputs k when there are too few to hide the FMA latency, as at batch 1) start
+    at the bias in the first K block and at the partial sums stored in ``y`` in the others;
+    each step broadcasts one input and multiplies it by ``vectors`` weight vectors of the
+    panel. ReLU is applied by the last K block."""
+    lanes, nr = spec.lanes, spec.panel
+    k0, extent, first, last = span
+    vectors = nr // lanes
+    split = max(1, 8 // (rows * vectors))
+    count = rows * vectors
+    acc = T.alloc_buffer((split * count, lanes), F32, scope="global")
+
+    def init(from_bias: bool) -> None:
+        for i in range(rows):
+            if not from_bias and valid < nr:  # the partial panel: only its valid outputs
+                for j in range(valid):
+                    _store(acc, y[b0 + i, p * nr + j], i * vectors + j // lanes, j % lanes)
+                continue
+            for v in range(vectors):
+                with T.vectorized(0, lanes) as lane:
+                    c = p * nr + v * lanes + lane
+                    _store(acc, bias[c] if from_bias else y[b0 + i, c], i * vectors + v, lane)
+
+    _branch(first, lambda: init(True), lambda: init(False))
+    for s in range(1, split):
+        for a in range(count):
+            with T.vectorized(0, lanes) as lane:
+                _store(acc, tirx.const(0, F32), s * count + a, lane)
+
+    def step(kk, s: int) -> None:
+        for i in range(rows):
+            xv = x[b0 + i, kk]
+            for v in range(vectors):
+                with T.vectorized(0, lanes) as lane:
+                    a = s * count + i * vectors + v
+                    _store(acc, acc[a, lane] + xv * weight[p, kk, v * lanes + lane], a, lane)
+
+    with T.serial(0, extent // split) as q:
+        for s in range(split):
+            step(k0 + q * split + s, s)
+    if split > 1:
+        with T.serial(extent // split * split, extent) as kk:
+            step(k0 + kk, 0)
+    for s in range(1, split):
+        for a in range(count):
+            with T.vectorized(0, lanes) as lane:
+                _store(acc, acc[a, lane] + acc[s * count + a, lane], a, lane)
+
+    def store(relu: bool) -> None:
+        act = (lambda v: tirx.max(v, tirx.const(0, F32))) if relu else (lambda v: v)
+        for i in range(rows):
+            if valid == nr:  # a whole panel: vector stores
+                for v in range(vectors):
+                    with T.vectorized(0, lanes) as lane:
+                        _store(y, act(acc[i * vectors + v, lane]), b0 + i, p * nr + v * lanes + lane)
+            else:  # the last, partial panel: only its valid outputs
+                for j in range(valid):
+                    _store(y, act(acc[i * vectors + j // lanes, j % lanes]), b0 + i, p * nr + j)
+
+    if spec.relu:
+        _branch(last, lambda: store(True), lambda: store(False))
+    else:
+        store(False)
+
+
+def _branch(cond, then, otherwise) -> None:
+    """``then()`` or ``otherwise()``: chosen here for a Python bool, at run time for a TIR one."""
+    if isinstance(cond, bool):
+        return then() if cond else otherwise()
+    with T.If(cond):
+        with T.Then():
+            then()
+        with T.Else():
+            otherwise()
+
+
+def _panel_tiles(spec: LayerSpec, x, weight, bias, y, batch, p, valid: int, span) -> None:
+    """Every input for panel ``p``: whole tiles of mr inputs, then one call sized to the rest."""
+    mr = spec.knobs.gemm_rows or gemm_tile(spec.lanes)[0]
+    with T.serial(0, batch // mr) as bo:
+        _panel_block(spec, x, weight, bias, y, bo * mr, mr, p, valid, span)
+    for rest in range(1, mr):  # the batch is symbolic: one branch per remainder size
+        with T.If(batch % mr == rest):
+            with T.Then():
+                _panel_block(spec, x, weight, bias, y, batch - rest, rest, p, valid, span)
+
+
+def gemm_k_block(spec: LayerSpec) -> int:
+    """Inputs k per K block: a block of a panel (kc x nr floats, 64 KiB) stays in L2 while
+    every tile of inputs uses it, instead of each tile streaming the whole panel again."""
+    return spec.knobs.gemm_kc or max(256, 16384 // spec.panel)
+
+
+def _panel_k_blocks(spec: LayerSpec, x, weight, bias, y, batch, p, valid: int) -> None:
+    k, kc = spec.k, gemm_k_block(spec)
+    if k <= kc:
+        return _panel_tiles(spec, x, weight, bias, y, batch, p, valid, (0, k, True, True))
+    blocks = -(-k // kc)
+    with T.serial(0, blocks) as kb:
+        extent = kc if k % kc == 0 else tirx.min(kc, k - kb * kc)
+        span = (kb * kc, extent, kb == 0, kb == blocks - 1)
+        _panel_tiles(spec, x, weight, bias, y, batch, p, valid, span)
+
+
+def _emit_dense_panels(spec: LayerSpec, x, weight, bias, y, batch) -> None:
+    """Dense layer on panel-packed weights: threads over panels (outputs); each K block of a
+    panel is loaded once from memory and used by every tile of inputs."""
+    full, tail = spec.n // spec.panel, spec.n % spec.panel
+    knobs = spec.knobs
+
+    def body(parallel: bool) -> None:
+        if full:
+            with _rows(full, parallel) as p:
+                _panel_k_blocks(spec, x, weight, bias, y, batch, p, spec.panel)
+        if tail:
+            _panel_k_blocks(spec, x, weight, bias, y, batch, full, tail)
+
+    if knobs.parallel_gemv or not knobs.parallel_gemm:
+        body(knobs.parallel_gemv)
+    else:  # threads pay only from a batch tile of inputs on (the knob's measure): decide at run time
+        _branch(batch >= knobs.batch_tile, lambda: body(True), lambda: body(False))
+
+
 def _emit_dense(spec: LayerSpec, x, weight, bias, y, batch) -> None:
+    if spec.panel:
+        return _emit_dense_panels(spec, x, weight, bias, y, batch)
     lanes, u, bt, n, k = spec.lanes, spec.knobs.unroll, spec.knobs.batch_tile, spec.n, spec.k
     full = k // lanes  # whole vectors per row; the k % lanes tail is scalar
     rt = spec.knobs.row_tile

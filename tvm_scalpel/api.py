@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from .passes import (
 )
 from .pruning import IMPORTANCES
 from .targets import TargetProfile, resolve_target
+from .threads import threads_constructor_source
 
 log = logging.getLogger("tvm_scalpel")
 
@@ -230,11 +232,14 @@ def export_library(exe: tvm.runtime.Executable, path: str | os.PathLike,
     if Path(path).suffix not in (".so", ".dylib", ".dll"):
         raise ScalpelError(f"{path}: the output library must end in .so")
     fcompile = cross_linker(profile)
-    with atomic_output(path, executable=True) as tmp, _quiet_native_stderr():
+    with atomic_output(path, executable=True) as tmp, _quiet_native_stderr(), \
+            tempfile.TemporaryDirectory() as scratch:
+        # all cores by default wherever the library is loaded: see threads.py
+        addons = [threads_constructor_source(scratch)]
         if fcompile is None:
-            exe.export_library(tmp)
+            exe.export_library(tmp, addons=addons)
         else:
-            exe.export_library(tmp, fcompile=fcompile)
+            exe.export_library(tmp, fcompile=fcompile, addons=addons)
 
 
 @contextlib.contextmanager

@@ -49,13 +49,12 @@ def _group_width(text: str) -> int | str:
 
 
 def _load_model(spec: str):
-    """An ONNX file, or the name of a built-in network (lenet-300-100, lenet5)."""
+    """An ONNX file, or the name of a built-in network (``models.BUILDERS``)."""
     from . import models
     from .onnx_io import load_onnx
 
-    builders = {"lenet-300-100": models.lenet_300_100, "lenet5": models.lenet5}
-    if spec in builders and not Path(spec).exists():
-        return builders[spec]()
+    if spec in models.BUILDERS and not Path(spec).exists():
+        return models.build(spec)
     return load_onnx(spec)
 
 
