@@ -339,6 +339,9 @@ class ChannelGraph:
             if any(ins[1:]):
                 raise _Stop("a reshape to a computed channel count")
             src, dst = self._shape(node.input[0]), self._shape(node.output[0])
+            if op == "Reshape" and dst is not None and len(dst) == 2 and dst[1] is None \
+                    and self._batch_then_minus1(node.input[1]) and src and None not in src[1:]:
+                dst = [dst[0], math.prod(src[1:])]  # [B, -1] from a shape subgraph
             if (src is None or dst is None or len(dst) != 2 or len(src) < 2 or None in src[1:]
                     or dst[1] != math.prod(src[1:])):
                 raise _Stop("a reshape other than a flatten to [B, C*H*W]")
@@ -364,6 +367,15 @@ class ChannelGraph:
             return  # a shape tensor: it carries no channels
         else:
             raise _Stop("no rule for the op")
+
+    def _batch_then_minus1(self, shape: str) -> bool:
+        """Whether a computed target shape is ``Concat(<batch>, [-1])`` (``x.view(x.size(0), -1)``
+        as the TorchScript exporter writes it)."""
+        producer = next((n for n in self.model.graph.node if shape in n.output), None)
+        if producer is None or producer.op_type != "Concat" or len(producer.input) != 2:
+            return False
+        last = self.inits.get(producer.input[1])
+        return last is not None and last.reshape(-1).tolist() == [-1]
 
     def _tie(self, a: _Layout, b: _Layout) -> None:
         """Two tensors added element-wise: their channels are the same channels."""
@@ -612,5 +624,13 @@ def apply(cg: ChannelGraph, choices: Mapping[int, GroupChoice]) -> onnx.ModelPro
         for init in graph.initializer:
             if init.name == target.input[1]:
                 init.CopyFrom(numpy_helper.from_array(shape.astype(np.int64), init.name))
+    for la in cg.layers:  # a depthwise convolution's group count is its channel count
+        if la.depthwise:
+            new = len(cg.indices(la.layout, kept))
+            node = next(n for n in graph.node if n.op_type == "Conv" and len(n.input) > 1
+                        and n.input[1] == la.name)
+            for a in node.attribute:
+                if a.name == "group":
+                    a.i = new
     del graph.value_info[:]  # stale channel counts
     return out
