@@ -510,10 +510,10 @@ class _Stop(Exception):
 
 
 def round_kept(n: int, keep: int, block: int | None) -> int:
-    """``keep`` rounded up to a multiple of ``block`` (the target's preferred vector width)
-    unless that would keep every channel, or the layer is narrower than two blocks (then every
-    width fits one vector alike and the asked count is kept)."""
-    if not block or block <= 1 or n < 2 * block:
+    """``keep`` rounded up to a multiple of ``block`` (the target's preferred vector width:
+    odd widths waste lanes, and Torch-Pruning's users saw MobileNetV2 run 3x slower for them),
+    unless that would keep all ``n`` channels: then the asked count stays."""
+    if not block or block <= 1:
         return keep
     up = -(-keep // block) * block
     return up if up < n else keep

@@ -136,6 +136,7 @@ class NodePruneResult:
     nodes_after: dict[str, int]
     accuracy_before_fine_tune: float | None
     accuracy: float | None
+    layers: list = field(default_factory=list)  # node_pruning.NodeRemoval per layer (node, reason)
 
     @property
     def removed_fraction(self) -> float:
@@ -180,7 +181,7 @@ def node_prune(model: onnx.ModelProto, rate: float | Mapping[str, float] | None 
     target's preferred width; a layer that cannot be pruned stays whole with a warning
     (``strict``: an error).
     """
-    from .node_pruning import prune_coupled
+    from .node_pruning import out_channels, prune_coupled
 
     if isinstance(rate, (int, float)) and not 0.0 <= rate < 1.0:
         raise ScalpelError(f"node pruning rate must be in [0, 1), got {rate}")
@@ -211,5 +212,7 @@ def node_prune(model: onnx.ModelProto, rate: float | Mapping[str, float] | None 
     if data is not None and settings is not None and settings.epochs > 0:
         slim, _ = train(slim, data, settings, desc="fine-tune")
         final = accuracy(slim, data)
+    written = out_channels(slim)  # the counts of the model written, not of the plan
     return NodePruneResult(slim, {r.name: r.nodes_before for r in removals},
-                           {r.name: r.nodes_after for r in removals}, before_ft, final)
+                           {r.name: written.get(r.name, r.nodes_after) for r in removals},
+                           before_ft, final, removals)

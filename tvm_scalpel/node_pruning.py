@@ -596,6 +596,22 @@ def prune_coupled(model: onnx.ModelProto, rate: float | Mapping[str, float] | No
     return pruned, removals
 
 
+def out_channels(model: onnx.ModelProto) -> dict[str, int]:
+    """Output channels of every weight layer (``Conv``, ``Gemm``, ``MatMul``), by weight name,
+    read from the weights the model holds."""
+    inits = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    out = {}
+    for node in model.graph.node:
+        if node.op_type not in LAYER_OPS or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        dims = inits[node.input[1]]
+        if node.op_type == "Conv" or (node.op_type == "Gemm" and _attr(node, "transB", 0)):
+            out[node.input[1]] = dims[0]
+        elif len(dims) == 2:
+            out[node.input[1]] = dims[1]
+    return out
+
+
 def prune_nodes(model: onnx.ModelProto, rate: float | Mapping[str, float], criterion: str = "l1",
                 block: int | None = None, strict: bool = False,
                 ) -> tuple[onnx.ModelProto, list[NodeRemoval]]:
