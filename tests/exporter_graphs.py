@@ -274,3 +274,25 @@ def reference(model: onnx.ModelProto, net: Net, kept: dict[str, np.ndarray]) -> 
         w[tuple(idx)] = 0.0
         inits[consumer].CopyFrom(numpy_helper.from_array(w, consumer))
     return out
+
+
+def mobilenet_v2(style="torchscript", seed=0, trained_bn=True, size=224) -> tuple[onnx.ModelProto, Net]:
+    """torchvision's MobileNetV2 layout (width 1.0, 17 inverted residuals, 52 convs), as the
+    exporters write it; no builder in ``tvm_scalpel.models`` has it."""
+    net = Net(style, seed, trained_bn, in_shape=(1, 3, size, size))
+    x = _cbr(net, "x", 3, 32, 3, 2, name="features.0.0", act="relu6")
+    cin, index = 32, 1
+    for t, c, n, s in [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
+                       (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]:
+        for i in range(n):
+            stride, hidden, p = (s if i == 0 else 1), cin * t, f"features.{index}.conv"
+            y, j = x, 0
+            if t != 1:
+                y, j = _cbr(net, y, cin, hidden, 1, name=f"{p}.0.0", act="relu6"), 1
+            y = _cbr(net, y, hidden, hidden, 3, stride, hidden, name=f"{p}.{j}.0", act="relu6")
+            y = _cbr(net, y, hidden, c, 1, name=f"{p}.{j + 1}", act=None)
+            x = net.add(x, y) if stride == 1 and cin == c else y
+            cin, index = c, index + 1
+    x = _cbr(net, x, cin, 1280, 1, name=f"features.{index}.0", act="relu6")
+    x = net.dropout(net.flatten(net.gap(x), (1280, 1, 1)))
+    return net.model(net.linear(x, 1280, 1000, "classifier.1"), 1000), net
