@@ -14,7 +14,7 @@ import onnx
 import pytest
 from exporter_graphs import mini_concat, mini_mobilenet_v2, mini_resnet, mini_vgg, reference
 from helpers import ort_run, rel_err, run_cli
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from tvm_scalpel.channel_groups import normalize, round_kept, unshare_initializers
 from tvm_scalpel.errors import ScalpelError

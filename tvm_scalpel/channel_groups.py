@@ -60,7 +60,7 @@ def _attr(node: onnx.NodeProto, name: str, default=None):
     return default
 
 
-def node_label(node: onnx.NodeProto, index: int | None = None) -> str:
+def node_label(node: onnx.NodeProto) -> str:
     """How a user finds a node in Netron: its name, else its op and output."""
     return node.name or f"{node.op_type}({node.output[0]})"
 

@@ -172,7 +172,7 @@ def node_prune(model: onnx.ModelProto, rate: float | Mapping[str, float] | None 
     nodes with the lowest betas in each layer is removed; without, every node whose mask closed
     (beta < T). Without data (``criterion="l1"`` or ``"l2"``): the ``rate`` fraction of nodes
     with the smallest weight norm is removed. Then the nodes are removed for good
-    (``remove_masked_nodes``) and, with data and ``settings.epochs``, the model is fine-tuned.
+    (``node_pruning.prune_coupled``) and, with data and ``settings.epochs``, the model is fine-tuned.
     A mapping of rates (by layer weight name) prunes only the layers it names. Every layer
     keeps at least one node: a rate that would remove them all is capped, and a layer whose
     trained masks all closed keeps its node of largest beta (with a warning either way).
