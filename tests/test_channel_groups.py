@@ -197,3 +197,29 @@ def test_cli_prints_per_layer_rows_and_the_written_total(tmp_path, rng):
     res = run_cli("prune", bad, "-o", tmp_path / "no.onnx", "--nodes", "0.5", "--rate", "0", "--strict")
     assert res.returncode == 2 and "not pruned" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "no.onnx").exists()
+
+
+def test_a_residual_add_over_a_concat_is_refused_not_broken(caplog, rng):
+    """Not supported yet: a single group added to a concatenation of two (it would have to be
+    split in two). The groups involved stay whole with that reason; the others are pruned."""
+    model, _ = mini_concat("torchscript", seed=8)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    concat = next(n for n in graph.node if n.op_type == "Concat" and len(n.input) == 2
+                  and not n.input[1].startswith("minus1"))
+    mix = next(n for n in graph.node if n.op_type == "Conv" and n.input[1] == "mix.weight")
+    add = helper.make_node("Add", [mix.output[0], concat.output[0]], ["mix_plus"])
+    graph.node.insert(list(graph.node).index(mix) + 1, add)
+    for n in graph.node:
+        if n.output[0] != "mix_plus" and mix.output[0] in n.input:
+            n.input[list(n.input).index(mix.output[0])] = "mix_plus"
+    onnx.checker.check_model(out)
+    with caplog.at_level(logging.WARNING):
+        small, report = prune_coupled(out, 0.5, "l1")
+    reasons = {r.name: r.reason for r in report}
+    assert all("differently concatenated" in reasons[n] for n in ("expand1x1.weight", "expand3x3.weight", "mix.weight"))
+    assert not reasons["squeeze.weight"]
+    assert out_channels_of(small)["squeeze.weight"] == 8 and out_channels_of(small)["mix.weight"] == 32
+    x = x_of(rng)
+    assert np.all(np.isfinite(ort_run(small, x)))
