@@ -199,10 +199,10 @@ def test_cli_prints_per_layer_rows_and_the_written_total(tmp_path, rng):
     assert not (tmp_path / "no.onnx").exists()
 
 
-def test_a_residual_add_over_a_concat_is_refused_not_broken(caplog, rng):
-    """Not supported yet: a single group added to a concatenation of two (it would have to be
-    split in two). The groups involved stay whole with that reason; the others are pruned."""
-    model, _ = mini_concat("torchscript", seed=8)
+def test_a_residual_add_over_a_concat_cuts_the_group_in_parts(rng):
+    """A single group (mix, 32 channels) added to a concat of two (16 + 16): mix's channels are
+    cut in two parts, each tied to one concat member, and pruned with it."""
+    model, net = mini_concat("torchscript", seed=8)
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
@@ -210,16 +210,19 @@ def test_a_residual_add_over_a_concat_is_refused_not_broken(caplog, rng):
                   and not n.input[1].startswith("minus1"))
     mix = next(n for n in graph.node if n.op_type == "Conv" and n.input[1] == "mix.weight")
     add = helper.make_node("Add", [mix.output[0], concat.output[0]], ["mix_plus"])
-    graph.node.insert(list(graph.node).index(mix) + 1, add)
     for n in graph.node:
-        if n.output[0] != "mix_plus" and mix.output[0] in n.input:
+        if mix.output[0] in n.input:
             n.input[list(n.input).index(mix.output[0])] = "mix_plus"
+    graph.node.insert(list(graph.node).index(mix) + 1, add)
     onnx.checker.check_model(out)
-    with caplog.at_level(logging.WARNING):
-        small, report = prune_coupled(out, 0.5, "l1")
-    reasons = {r.name: r.reason for r in report}
-    assert all("differently concatenated" in reasons[n] for n in ("expand1x1.weight", "expand3x3.weight", "mix.weight"))
-    assert not reasons["squeeze.weight"]
-    assert out_channels_of(small)["squeeze.weight"] == 8 and out_channels_of(small)["mix.weight"] == 32
+    small, report = prune_coupled(out, 0.5, "l1", block=BLOCK)
+    kept = {r.name: r.kept for r in report}
+    assert not [r for r in report if r.reason]
+    after = out_channels_of(small)
+    assert (after["expand1x1.weight"], after["expand3x3.weight"], after["mix.weight"]) == (8, 8, 16)
+    np.testing.assert_array_equal(kept["mix.weight"], np.concatenate(
+        [kept["expand1x1.weight"], 16 + kept["expand3x3.weight"]]))
     x = x_of(rng)
-    assert np.all(np.isfinite(ort_run(small, x)))
+    ref = reference(out, net, kept)
+    assert rel_err(ort_run(small, x), ort_run(ref, x)) < TOL
+    assert rel_err(ort_run(ref, x), ort_run(out, x)) > 1e-3

@@ -17,7 +17,8 @@ filters, the consuming layers' input columns, and the flatten shapes in between.
 group computes each channel from the same channel only, so the result equals the original
 model with the consuming layers' input columns for the removed channels set to zero: exact.
 
-A group is left whole (with a reason) when one of its tensors reaches something with no rule
+A group added to a concatenation of groups is cut into matching parts. A group is left whole
+(with a reason) when one of its tensors reaches something with no rule
 (a softmax, a graph output, a grouped convolution, a reshape that is not a flatten, ...).
 
 Exporter quirks handled before the analysis: ``Constant`` nodes become initializers, a constant
@@ -209,6 +210,7 @@ class Group:
     gid: int
     size: int
     producers: list[str] = field(default_factory=list)  # layer names making these channels
+    offsets: dict[str, int] = field(default_factory=dict)  # where they sit in each producer
     members: list[str] = field(default_factory=list)  # depthwise layers carrying them through
     reason: str | None = None  # why the group cannot be pruned
 
@@ -230,6 +232,7 @@ class ChannelGraph:
         self.parent: list[int] = []
         self.sizes: list[int] = []
         self.reasons: dict[int, str] = {}
+        self.split: dict[int, list[int]] = {}  # a group cut in parts (tied to a concat)
         self.layouts: dict[str, _Layout] = {}
         self.slices: list[_Slice] = []
         self.reshapes: list[tuple[onnx.NodeProto, _Layout, int]] = []  # (node, layout, old size)
@@ -262,11 +265,26 @@ class ChannelGraph:
     def _fix(self, layout: _Layout | None, reason: str) -> None:
         if layout is None:
             return
-        for g in layout.groups:
-            self.reasons.setdefault(self.find(g), reason)
+        for g in self.expand(layout.groups):
+            self.reasons.setdefault(g, reason)
+
+    def expand(self, groups) -> list[int]:
+        """The current groups (roots) of a layout, split groups replaced by their parts."""
+        out: list[int] = []
+        for g in groups:
+            r = self.find(g)
+            if r in self.split:
+                out.extend(self.expand(self.split[r]))
+            else:
+                out.append(r)
+        return out
+
+    def _cut(self, root: int, parts: list[int]) -> None:
+        reason = self.reasons.get(root)
+        self.split[root] = [self._new(p, reason) for p in parts]
 
     def _width(self, layout: _Layout) -> int:
-        return sum(self.sizes[g] for g in layout.groups)
+        return sum(self.sizes[g] for g in self.expand(layout.groups))
 
     # ------------------------------------------------------------------ rules per op
 
@@ -379,11 +397,23 @@ class ChannelGraph:
 
     def _tie(self, a: _Layout, b: _Layout) -> None:
         """Two tensors added element-wise: their channels are the same channels."""
-        if a.per != b.per or [self.sizes[g] for g in a.groups] != [self.sizes[g] for g in b.groups]:
-            self._fix(a, "an element-wise op of differently concatenated channels")
-            self._fix(b, "an element-wise op of differently concatenated channels")
+        ea, eb = self.expand(a.groups), self.expand(b.groups)
+        sa, sb = [self.sizes[g] for g in ea], [self.sizes[g] for g in eb]
+        if a.per != b.per or sum(sa) != sum(sb):
+            self._fix(a, "an element-wise op of differently shaped channels")
+            self._fix(b, "an element-wise op of differently shaped channels")
             return
-        for ga, gb in zip(a.groups, b.groups):
+        if sa != sb:  # a group added to a concat of groups: cut both into common parts
+            bounds = sorted(set(np.cumsum(sa).tolist()) | set(np.cumsum(sb).tolist()))
+            for groups, sizes in ((ea, sa), (eb, sb)):
+                start = 0
+                for g, size in zip(groups, sizes):
+                    inner = [c - start for c in bounds if start < c <= start + size]
+                    if len(inner) > 1:
+                        self._cut(g, np.diff([0] + inner).tolist())
+                    start += size
+            ea, eb = self.expand(a.groups), self.expand(b.groups)
+        for ga, gb in zip(ea, eb):
             self._union(ga, gb)
 
     def _param(self, name: str, axis: int, layout: _Layout, what: str) -> None:
@@ -475,12 +505,15 @@ class ChannelGraph:
         out: dict[int, Group] = {}
         for layer in self.layers:
             if layer.group is not None:
-                root = self.find(layer.group)
-                out.setdefault(root, Group(root, self.sizes[root])).producers.append(layer.name)
+                offset = 0
+                for root in self.expand(layer.layout.groups):
+                    group = out.setdefault(root, Group(root, self.sizes[root]))
+                    group.producers.append(layer.name)
+                    group.offsets[layer.name] = offset
+                    offset += self.sizes[root]
         for layer in self.layers:
             if layer.depthwise:
-                for g in layer.layout.groups:
-                    root = self.find(g)
+                for root in self.expand(layer.layout.groups):
                     if root in out:
                         out[root].members.append(layer.name)
         for root, group in out.items():
@@ -490,8 +523,8 @@ class ChannelGraph:
     def indices(self, layout: _Layout, kept: Mapping[int, np.ndarray]) -> np.ndarray:
         """The positions along an axis of ``layout`` that the kept channels occupy."""
         parts, offset = [], 0
-        for g in layout.groups:
-            root, size = self.find(g), self.sizes[g]
+        for root in self.expand(layout.groups):
+            size = self.sizes[root]
             k = kept.get(root)
             k = np.arange(size) if k is None else k
             parts.append(offset + k)
@@ -551,10 +584,14 @@ def choose(cg: ChannelGraph, importance: Mapping[str, np.ndarray],
         if masks is not None:
             on = np.zeros(n, dtype=bool)
             for p in named:
-                on |= np.asarray(masks[p]).reshape(-1) != 0
+                off = group.offsets.get(p, 0)
+                on |= np.asarray(masks[p]).reshape(-1)[off:off + n] != 0
             if not on.any():
-                score = sum(np.asarray(importance[p], dtype=np.float64).reshape(-1)
-                            for p in named if p in importance) if importance else np.zeros(n)
+                score = np.zeros(n)
+                for p in named:
+                    if importance and p in importance:
+                        off = group.offsets.get(p, 0)
+                        score += np.asarray(importance[p], dtype=np.float64).reshape(-1)[off:off + n]
                 on[int(np.argmax(score))] = True
                 log.warning("group of %s: every channel's mask is closed; it keeps one",
                             ", ".join(group.producers))
@@ -569,8 +606,10 @@ def choose(cg: ChannelGraph, importance: Mapping[str, np.ndarray],
             if imp is None:
                 continue
             imp = np.asarray(imp, dtype=np.float64).reshape(-1)
-            mean = float(np.mean(imp)) if imp.size else 0.0
-            score += imp / mean if mean > 0 else imp
+            mean = float(np.mean(imp)) if imp.size else 0.0  # over the whole layer
+            off = group.offsets.get(p, 0)
+            part = imp[off:off + n]
+            score += part / mean if mean > 0 else part
         asked = int(round(float(r) * n))
         k = max(min(asked, n - 1), 0)
         if n and asked > k:

@@ -558,25 +558,20 @@ def prune_coupled(model: onnx.ModelProto, rate: float | Mapping[str, float] | No
     removals: list[NodeRemoval] = []
     problems: list[str] = []
     for la in cg.layers:
+        roots = cg.expand(la.layout.groups)
+        parts = [choices[r] for r in roots if r in choices]
         if la.depthwise:
-            roots = {cg.find(g) for g in la.layout.groups}
-            if not any(r in choices and len(choices[r].kept) < choices[r].group.size for r in roots):
+            if not any(len(c.kept) < c.group.size for c in parts):
                 continue
-            kept = cg.indices(la.layout, {r: k for r, k in kept_by_root.items()})
-            coupled = tuple(p for r in roots if r in choices for p in choices[r].group.producers)
-            removals.append(NodeRemoval(la.name, la.op, la.channels, len(kept), kept, la.node,
-                                        "", coupled))
+        elif la.name not in asked:
             continue
-        if la.name not in asked:
-            continue
-        root = cg.find(la.group)
-        choice = choices[root]
-        reason = choice.reason or ""
-        if reason == "not asked":
+        kept = cg.indices(la.layout, kept_by_root)
+        coupled = tuple(dict.fromkeys(p for c in parts for p in c.group.producers if p != la.name))
+        reason = next((c.reason for c in parts if c.reason and c.reason != "not asked"), "")
+        if la.depthwise:
             reason = ""
-        others = tuple(p for p in choice.group.producers if p != la.name)
-        removals.append(NodeRemoval(la.name, la.op, la.channels, len(choice.kept), choice.kept,
-                                    la.node, reason, others))
+        removals.append(NodeRemoval(la.name, la.op, la.channels, len(kept), kept, la.node,
+                                    reason, coupled))
         if reason:
             problems.append(f"layer {la.name} (node {la.node}) not pruned: {reason}")
     for line in problems:
