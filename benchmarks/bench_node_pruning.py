@@ -2,8 +2,9 @@
 shrink at rate 0.5 (L1 criterion, kept counts in whole SIMD vectors of the host), the size of
 the written file, and whether the TVM-compiled pruned model equals onnxruntime on it.
 
-Models: MobileNetV2 (torchvision layout, ``tests/exporter_graphs.mobilenet_v2``) and, when
-``tvm_scalpel.models`` has them, ``resnet18``, ``vgg11`` and ``alexnet``.
+Models (torchvision layouts): ``resnet18``, ``mobilenet_v2``, ``vgg11``, ``alexnet`` from
+``tvm_scalpel.models`` where it has them, else the TorchScript-like builders of
+``tests/exporter_graphs`` (shared zero biases and BN constants, shape-subgraph flatten).
 Usage: .venv/bin/python benchmarks/bench_node_pruning.py [--rate 0.5] [--no-compile] [--models ...]
 Writes benchmarks/results/node_pruning.md.
 """
@@ -21,7 +22,7 @@ import onnx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from exporter_graphs import mobilenet_v2  # noqa: E402
+import exporter_graphs  # noqa: E402
 
 from tvm_scalpel import models  # noqa: E402
 from tvm_scalpel.node_pruning import prune_coupled  # noqa: E402
@@ -29,11 +30,15 @@ from tvm_scalpel.targets import resolve_target  # noqa: E402
 
 
 def builders() -> dict:
-    out = {"mobilenet_v2": lambda: mobilenet_v2()[0]}
-    for name in ("resnet18", "vgg11", "alexnet"):
+    """``tvm_scalpel.models``' builders where it has them, else the exporter-like ones here."""
+    out = {}
+    for name in ("resnet18", "mobilenet_v2", "vgg11", "alexnet"):
         fn = getattr(models, name, None)
         if fn is not None:
-            out[name] = fn
+            out[name] = (fn, "tvm_scalpel.models")
+        elif hasattr(exporter_graphs, name):
+            out[name] = ((lambda f: lambda: f()[0])(getattr(exporter_graphs, name)),
+                         "tests/exporter_graphs (TorchScript-like)")
     return out
 
 
@@ -53,7 +58,7 @@ def main() -> int:
 
     profile = resolve_target("x86")
     rows = []
-    for name, build in builders().items():
+    for name, (build, origin) in builders().items():
         if args.models and name not in args.models:
             continue
         model = build()
@@ -80,12 +85,12 @@ def main() -> int:
             y_tvm = vm["main"](tvm.runtime.tensor(x)).numpy()
             err = f"{np.abs(y_tvm - y_ort).max() / np.abs(y_ort).max():.1e}"
         mb = lambda m: len(m.SerializeToString()) / 1e6  # noqa: E731
-        rows.append([name, f"{shrunk}/{len(before)}", len(refused), masks,
+        rows.append([name, origin, f"{shrunk}/{len(before)}", len(refused), masks,
                      f"{mb(model):.1f} -> {mb(small):.1f}", f"{secs:.1f}", err])
         print(rows[-1], flush=True)
         for r in refused:
             print(f"  {r.name} ({r.node}): {r.reason}")
-    head = ["model", "convs shrunk", "layers refused", "masks left", "MB", "prune s", "TVM vs ORT rel. err"]
+    head = ["model", "builder", "convs shrunk", "layers refused", "masks left", "MB", "prune s", "TVM vs ORT rel. err"]
     table = "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
                       + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
     print(table)

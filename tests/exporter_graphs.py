@@ -296,3 +296,40 @@ def mobilenet_v2(style="torchscript", seed=0, trained_bn=True, size=224) -> tupl
     x = _cbr(net, x, cin, 1280, 1, name=f"features.{index}.0", act="relu6")
     x = net.dropout(net.flatten(net.gap(x), (1280, 1, 1)))
     return net.model(net.linear(x, 1280, 1000, "classifier.1"), 1000), net
+
+
+def resnet18(style="torchscript", seed=0, trained_bn=False, size=224) -> tuple[onnx.ModelProto, Net]:
+    """torchvision's ResNet-18 layout (20 convs, 8 residual Adds, 3 stride-2 downsamples)."""
+    net = Net(style, seed, trained_bn, in_shape=(1, 3, size, size))
+    x = _cbr(net, "x", 3, 64, 7, 2, name="conv1")
+    x = net.op("MaxPool", [x], keep_src=x, kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+    cin = 64
+    for stage, c in enumerate([64, 128, 256, 512], start=1):
+        for b in range(2):
+            stride, p = (2 if stage > 1 and b == 0 else 1), f"layer{stage}.{b}"
+            y = _cbr(net, x, cin, c, 3, stride, name=f"{p}.conv1")
+            y = net.bn(net.conv(y, c, c, 3, name=f"{p}.conv2"), c, f"{p}.bn2")
+            if stride != 1 or cin != c:
+                x = net.bn(net.conv(x, cin, c, 1, stride, name=f"{p}.downsample.0"), c, f"{p}.downsample.1")
+            x = net.relu(net.add(y, x))
+            cin = c
+    x = net.flatten(net.gap(x), (512, 1, 1))
+    return net.model(net.linear(x, 512, 1000, "fc"), 1000), net
+
+
+def vgg11(style="torchscript", seed=0, size=224) -> tuple[onnx.ModelProto, Net]:
+    """torchvision's VGG-11 layout (8 convs with zero biases, flatten of 512x7x7, 3 FC)."""
+    net = Net(style, seed, in_shape=(1, 3, size, size))
+    x, cin, index = "x", 3, 0
+    for v in [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]:
+        if v == "M":
+            x, index = net.maxpool(x), index + 1
+            continue
+        x = net.relu(net.conv(x, cin, v, 3, bias=True, name=f"features.{index}"))
+        cin, index = v, index + 2
+    hw = size // 32
+    x = net.op("AveragePool", [x], keep_src=x, kernel_shape=[1, 1]) if hw == 7 else x
+    x = net.flatten(x, (512, hw, hw))
+    x = net.dropout(net.relu(net.linear(x, 512 * hw * hw, 4096, "classifier.0")))
+    x = net.dropout(net.relu(net.linear(x, 4096, 4096, "classifier.3")))
+    return net.model(net.linear(x, 4096, 1000, "classifier.6"), 1000), net
