@@ -28,6 +28,14 @@ def cpu_has_avx512f() -> bool:
         return False
 
 
+def kept_in_blocks(n: int, rate: float, block: int) -> int:
+    """Channels a layer of n keeps after node pruning at ``rate`` for a target whose preferred
+    width is ``block``: rounded up to whole blocks unless that would keep them all."""
+    keep = n - int(round(rate * n))
+    up = -(-keep // block) * block
+    return up if up < n else keep
+
+
 # --------------------------------------------------------------------------- numerics
 
 

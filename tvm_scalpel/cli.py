@@ -110,10 +110,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if node_rates:
         from .finetune import node_prune
 
+        # the rules are hardware-aware: kept counts in whole vectors of the target
+        block = profile.simd_width if args.policy != "none" else None
         result = node_prune(model, node_rates, data, _settings(args, args.fine_tune),
-                            mask_epochs=args.mask_epochs, criterion=criterion)
-        rows = [[name, result.nodes_before[name], result.nodes_after[name]] for name in result.nodes_before]
-        print(format_table(["layer", "nodes before", "nodes after"], rows))
+                            mask_epochs=args.mask_epochs, criterion=criterion, block=block,
+                            strict=args.strict)
+        rows = [[r.name, result.nodes_before[r.name], result.nodes_after[r.name], r.node,
+                 r.reason or (f"coupled with {', '.join(r.coupled)}" if r.coupled else "")]
+                for r in result.layers]
+        print(format_table(["layer", "nodes before", "nodes after", "node", "note"], rows))
         print(f"node pruning removed {result.removed_fraction * 100:.1f}% of the prunable nodes")
         model = result.model
 
@@ -460,6 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "nodes only on GPUs); measured: the rules, then weight pruning is kept "
                         "only on layers where it measures faster here; none: do what --rate / "
                         "--nodes say (default)")
+    p.add_argument("--strict", action="store_true",
+                   help="node pruning: a layer that cannot be pruned is an error (default: it "
+                        "stays whole, with a warning)")
     p.add_argument("--mask-epochs", type=_positive, default=3, help="epochs of mask-layer training")
     p.add_argument("--fine-tune", type=_non_negative, default=0, metavar="EPOCHS",
                    help="fine-tune after pruning, pruned weights kept at zero (needs data)")

@@ -136,6 +136,7 @@ class NodePruneResult:
     nodes_after: dict[str, int]
     accuracy_before_fine_tune: float | None
     accuracy: float | None
+    layers: list = field(default_factory=list)  # node_pruning.NodeRemoval per layer (node, reason)
 
     @property
     def removed_fraction(self) -> float:
@@ -162,7 +163,8 @@ def _keep_one_node(masks: dict[str, np.ndarray], betas: Mapping[str, np.ndarray]
 def node_prune(model: onnx.ModelProto, rate: float | Mapping[str, float] | None = None,
                data: Dataset | None = None,
                settings: TrainSettings | None = None, mask_epochs: int = 3,
-               mask_penalty: float = 0.05, criterion: str = "masks") -> NodePruneResult:
+               mask_penalty: float = 0.05, criterion: str = "masks", block: int | None = None,
+               strict: bool = False) -> NodePruneResult:
     """Scalpel's node pruning: remove neurons / feature maps, then fine-tune.
 
     With data (``criterion="masks"``): mask layers are trained for ``mask_epochs`` with an L1
@@ -170,12 +172,16 @@ def node_prune(model: onnx.ModelProto, rate: float | Mapping[str, float] | None 
     nodes with the lowest betas in each layer is removed; without, every node whose mask closed
     (beta < T). Without data (``criterion="l1"`` or ``"l2"``): the ``rate`` fraction of nodes
     with the smallest weight norm is removed. Then the nodes are removed for good
-    (``remove_masked_nodes``) and, with data and ``settings.epochs``, the model is fine-tuned.
+    (``node_pruning.prune_coupled``) and, with data and ``settings.epochs``, the model is fine-tuned.
     A mapping of rates (by layer weight name) prunes only the layers it names. Every layer
     keeps at least one node: a rate that would remove them all is capped, and a layer whose
     trained masks all closed keeps its node of largest beta (with a warning either way).
+    Channels tied together (a residual add, a concat, a depthwise convolution) are chosen and
+    removed together (``node_pruning.prune_coupled``); ``block`` rounds kept counts to the
+    target's preferred width; a layer that cannot be pruned stays whole with a warning
+    (``strict``: an error).
     """
-    from .node_pruning import insert_masks, masks_for_rate, remove_masked_nodes, weight_importance
+    from .node_pruning import out_channels, prune_coupled
 
     if isinstance(rate, (int, float)) and not 0.0 <= rate < 1.0:
         raise ScalpelError(f"node pruning rate must be in [0, 1), got {rate}")
@@ -188,22 +194,25 @@ def node_prune(model: onnx.ModelProto, rate: float | Mapping[str, float] | None 
         trainer.fit(fitted, mask_epochs, settings.lr, settings.optimizer, seed=settings.seed,
                     mask_penalty=mask_penalty, progress=settings.progress, desc="mask layers")
         trained = trainer.export()
+        betas = {m.name: np.asarray(m.beta, dtype=np.float64).reshape(-1) for m in trainer.masks}
         if rate is not None:
-            masks = masks_for_rate({m.name: m.beta for m in trainer.masks}, rate)
+            slim, removals = prune_coupled(trained, rate, importance=betas, block=block, strict=strict)
         else:
-            masks = _keep_one_node(trainer.node_masks(), {m.name: m.beta for m in trainer.masks})
+            masks = _keep_one_node(trainer.node_masks(), betas)
+            slim, removals = prune_coupled(trained, importance=betas, masks=masks, block=block,
+                                           strict=strict)
     elif criterion in ("l1", "l2"):
         if rate is None:
             raise ScalpelError("node pruning by weight norm needs a rate")
-        trained = model
-        masks = masks_for_rate(weight_importance(model, criterion), rate)
+        slim, removals = prune_coupled(model, rate, criterion, block=block, strict=strict)
     else:
         raise ScalpelError(f"unknown node criterion {criterion!r}: use masks, l1 or l2")
-    slim, removals = remove_masked_nodes(insert_masks(trained, masks))
     before_ft = accuracy(slim, data) if data is not None else None
     final = before_ft
     if data is not None and settings is not None and settings.epochs > 0:
         slim, _ = train(slim, data, settings, desc="fine-tune")
         final = accuracy(slim, data)
+    written = out_channels(slim)  # the counts of the model written, not of the plan
     return NodePruneResult(slim, {r.name: r.nodes_before for r in removals},
-                           {r.name: r.nodes_after for r in removals}, before_ft, final)
+                           {r.name: written.get(r.name, r.nodes_after) for r in removals},
+                           before_ft, final, removals)

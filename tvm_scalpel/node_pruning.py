@@ -60,6 +60,9 @@ class NodeRemoval:
     nodes_before: int
     nodes_after: int
     kept: np.ndarray  # indices of the nodes kept
+    node: str = ""  # the layer's ONNX node, as a user finds it
+    reason: str = ""  # why nothing was removed, when nothing was
+    coupled: tuple[str, ...] = ()  # the other layers whose channels it shares
 
 
 # --------------------------------------------------------------------------- graph helpers
@@ -81,8 +84,14 @@ def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
     return out
 
 
-def _layers(model: onnx.ModelProto) -> tuple[list[PrunableLayer], dict[str, onnx.NodeProto]]:
-    """Every layer with an initializer weight, and the node of each (by layer name)."""
+def _layers(model: onnx.ModelProto, normalized: bool = False) -> tuple[list[PrunableLayer], dict[str, onnx.NodeProto]]:
+    """Every layer with an initializer weight, and the node of each (by layer name). Read on
+    the model with exporter quirks undone: shared constants copied per reader, ``Identity``
+    and inference ``Dropout`` bypassed (``channel_groups.normalize``)."""
+    from .channel_groups import normalize
+
+    if not normalized:
+        model = normalize(model)
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     consumers = _consumers(graph)
@@ -138,10 +147,14 @@ def prunable_layers(model: onnx.ModelProto) -> list[PrunableLayer]:
     an initializer weight of rank 2, ``Conv`` with an initializer weight and ``group=1``. A
     layer no other layer reads from (the one whose outputs are the class scores) is left out:
     its nodes are the model's outputs."""
-    layers, nodes = _layers(model)
+    from .channel_groups import normalize
+
+    model = normalize(model)
+    layers, nodes = _layers(model, normalized=True)
     all_nodes = list(nodes.values())
+    graph = model.graph
     return [layer for layer in layers
-            if _feeds_a_layer(model.graph, layer.norm_output or layer.output, all_nodes)]
+            if _feeds_a_layer(graph, layer.norm_output or layer.output, all_nodes)]
 
 
 def _unique(base: str, used: set[str]) -> str:
@@ -188,8 +201,9 @@ def insert_masks(model: onnx.ModelProto, masks: Mapping[str, np.ndarray],
     if unknown:
         raise ScalpelError(f"no prunable layer named {', '.join(unknown)} "
                            f"(prunable: {', '.join(layers) or 'none'})")
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    from .channel_groups import normalize
+
+    out = normalize(model)  # a copy; shared constants copied per reader, Identity bypassed
     graph = out.graph
     used = _names(graph)
     for name, mask in masks.items():
@@ -226,9 +240,12 @@ def _rows(model: onnx.ModelProto, layer: PrunableLayer, node: onnx.NodeProto) ->
 def weight_importance(model: onnx.ModelProto, criterion: str = "l1") -> dict[str, np.ndarray]:
     """Each prunable layer's node importance from its weights alone: the L1 (``"l1"``) or L2
     (``"l2"``) norm of every neuron's weight row or every filter, as float64 ``[channels]``."""
+    from .channel_groups import normalize
+
     if criterion not in CRITERIA:
         raise ScalpelError(f"unknown criterion {criterion!r}: use {' or '.join(CRITERIA)}")
-    _, nodes = _layers(model)
+    model = normalize(model)
+    _, nodes = _layers(model, normalized=True)
     out = {}
     for layer in prunable_layers(model):
         rows = _rows(model, layer, nodes[layer.name])
@@ -431,8 +448,10 @@ def remove_masked_nodes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[N
     """
     from tvm import relax
 
+    from .channel_groups import normalize
     from .passes import MaskedLayer, RemoveMaskedNodes
 
+    model = normalize(model)  # a constant shared by several layers is no reason to give up
     mod = to_relax(model, "masked model")
     pairings = {}
     for _, func in mod.functions_items():
@@ -489,9 +508,108 @@ def remove_masked_nodes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[N
     return out, removals
 
 
+def _norm_rows(w: np.ndarray, op: str, node: onnx.NodeProto | None, criterion: str) -> np.ndarray:
+    if op == "Gemm" and node is not None and _attr(node, "transB", 0):
+        rows = w
+    elif op in ("Gemm", "MatMul"):
+        rows = w.T
+    else:
+        rows = w.reshape(w.shape[0], -1)
+    rows = rows.astype(np.float64)
+    return np.abs(rows).sum(axis=1) if criterion == "l1" else np.sqrt((rows * rows).sum(axis=1))
+
+
+def prune_coupled(model: onnx.ModelProto, rate: float | Mapping[str, float] | None = None,
+                  criterion: str = "l1", importance: Mapping[str, np.ndarray] | None = None,
+                  masks: Mapping[str, np.ndarray] | None = None, block: int | None = None,
+                  strict: bool = False) -> tuple[onnx.ModelProto, list[NodeRemoval]]:
+    """Node pruning by coupled channel groups (``channel_groups``), straight on the ONNX graph.
+
+    Every group of channels that must move together (a residual stage, a concat, a depthwise
+    convolution and the layer feeding it) is scored by its producing layers' importance
+    (``importance`` by layer name, else the ``criterion`` weight norm) and loses the same
+    channels everywhere: ``round(rate * n)`` of them (a mapping of rates prunes the groups of
+    the layers it names), or, with ``masks`` (layer -> 0/1), the channels every named producer
+    switched off. ``block`` rounds each kept count up to a multiple of the target's preferred
+    width (``channel_groups.round_kept``). No mask node is written: a layer that cannot be
+    pruned stays whole, with a warning (``strict``: a ScalpelError). The result is the input
+    model with its consuming layers' input columns for the removed channels set to zero.
+
+    Returns the smaller model and one ``NodeRemoval`` per layer asked for (and per depthwise
+    layer carried along), with its ONNX node name, the layers it is coupled with and, when it
+    was not pruned, why.
+    """
+    from .channel_groups import ChannelGraph, apply, choose, normalize
+
+    if criterion not in CRITERIA and importance is None and masks is None:
+        raise ScalpelError(f"unknown criterion {criterion!r}: use {' or '.join(CRITERIA)}")
+    work = normalize(model)
+    cg = ChannelGraph(work)
+    by_weight = {n.input[1]: n for n in work.graph.node if len(n.input) > 1}
+    if importance is None:
+        importance = {la.name: _norm_rows(cg.inits[la.name], la.op, by_weight.get(la.name), criterion)
+                      for la in cg.layers if not la.depthwise}
+    asked = (set(masks) if masks is not None else set(rate) if isinstance(rate, Mapping)
+             else {la.name for la in prunable_layers(model)})
+    choices = choose(cg, importance, rate=None if masks is not None else rate, masks=masks,
+                     block=block)
+    pruned = apply(cg, choices)
+    kept_by_root = {root: c.kept for root, c in choices.items()}
+    removals: list[NodeRemoval] = []
+    problems: list[str] = []
+    for la in cg.layers:
+        roots = cg.expand(la.layout.groups)
+        parts = [choices[r] for r in roots if r in choices]
+        if la.depthwise:
+            if not any(len(c.kept) < c.group.size for c in parts):
+                continue
+        elif la.name not in asked:
+            continue
+        kept = cg.indices(la.layout, kept_by_root)
+        coupled = tuple(dict.fromkeys(p for c in parts for p in c.group.producers if p != la.name))
+        reason = next((c.reason for c in parts if c.reason and c.reason != "not asked"), "")
+        if la.depthwise:
+            reason = ""
+        removals.append(NodeRemoval(la.name, la.op, la.channels, len(kept), kept, la.node,
+                                    reason, coupled))
+        if reason:
+            problems.append(f"layer {la.name} (node {la.node}) not pruned: {reason}")
+    for line in problems:
+        log.warning("%s", line)
+    if strict and problems:
+        raise ScalpelError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+    for r in removals:
+        if r.nodes_after < r.nodes_before:
+            log.info("%s (%s, node %s): %d -> %d nodes", r.name, r.op, r.node, r.nodes_before,
+                     r.nodes_after)
+    try:
+        _finish(pruned)
+        pruned = onnx.shape_inference.infer_shapes(pruned, check_type=True, strict_mode=True)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ScalpelError(f"the node-pruned model is not valid ONNX: {first}") from None
+    return pruned, removals
+
+
+def out_channels(model: onnx.ModelProto) -> dict[str, int]:
+    """Output channels of every weight layer (``Conv``, ``Gemm``, ``MatMul``), by weight name,
+    read from the weights the model holds."""
+    inits = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    out = {}
+    for node in model.graph.node:
+        if node.op_type not in LAYER_OPS or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        dims = inits[node.input[1]]
+        if node.op_type == "Conv" or (node.op_type == "Gemm" and _attr(node, "transB", 0)):
+            out[node.input[1]] = dims[0]
+        elif len(dims) == 2:
+            out[node.input[1]] = dims[1]
+    return out
+
+
 def prune_nodes(model: onnx.ModelProto, rate: float | Mapping[str, float], criterion: str = "l1",
+                block: int | None = None, strict: bool = False,
                 ) -> tuple[onnx.ModelProto, list[NodeRemoval]]:
-    """Node pruning without data: mask the ``rate`` least important nodes of every prunable
-    layer by weight norm (``weight_importance``) and remove them."""
-    masks = masks_for_rate(weight_importance(model, criterion), rate)
-    return remove_masked_nodes(insert_masks(model, masks))
+    """Node pruning without data: remove the ``rate`` least important channels of every
+    coupled channel group by weight norm (``prune_coupled``)."""
+    return prune_coupled(model, rate, criterion, block=block, strict=strict)

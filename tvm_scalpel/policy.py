@@ -52,10 +52,16 @@ def plan_layers(model: onnx.ModelProto, profile: TargetProfile) -> list[LayerPla
 
     rules = RULES[profile.parallelism]
     node_prunable = {layer.name for layer in prunable_layers(model)}
+    dims = {i.name: list(i.dims) for i in model.graph.initializer}
+    depthwise = {n.input[1] for n in model.graph.node if n.op_type == "Conv" and len(n.input) > 1
+                 and len(dims.get(n.input[1], [])) == 4 and dims[n.input[1]][1] == 1
+                 and any(a.name == "group" and a.i == dims[n.input[1]][0] > 1 for a in n.attribute)}
     plans = []
     for name, kind in _weight_layers(model):
         method, note = rules[kind], ""
-        if method == "nodes" and name not in node_prunable:
+        if method == "nodes" and name in depthwise:
+            note = "depthwise: follows the layer feeding it"
+        elif method == "nodes" and name not in node_prunable:
             method = "weights" if rules["fc"] == "weights" and kind == "fc" else "none"
             note = "no next layer to shrink"
         plans.append(LayerPlan(name, kind, method, note))
