@@ -34,7 +34,7 @@ def weights_of(path):
     return {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
 
 
-def test_cli_rules_on_a_cpu_and_a_gpu(tmp_path, rng):
+def test_cli_rules_on_a_cpu_and_a_gpu(tmp_path, rng, host):
     dense = {i.name: numpy_helper.to_array(i) for i in models.lenet5().graph.initializer}
     assert all(np.all(v != 0) for v in dense.values() if v.ndim > 1)
     x = rng.random((2, 1, 28, 28)).astype(np.float32)
@@ -47,7 +47,7 @@ def test_cli_rules_on_a_cpu_and_a_gpu(tmp_path, rng):
     w = weights_of(cpu)
     assert w["conv1.weight"].shape[0] == 10 and w["conv2.weight"].shape[:2] == (25, 10)
     assert np.all(w["conv2.weight"] != 0)  # CONV: node pruning, no sparse weights
-    assert_whole_groups(w["fc1.weight"], 16)  # FC: SIMD-aware weight pruning
+    assert_whole_groups(w["fc1.weight"], host.simd_width)  # FC: SIMD-aware weight pruning
     assert abs(np.mean(w["fc1.weight"] == 0) - 0.8) <= 0.03
     assert ort_run(onnx.load(str(cpu)), x).shape == (2, 10)
 
