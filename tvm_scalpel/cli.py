@@ -133,9 +133,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from . import flows
     from .onnx_io import save_onnx
 
+    def loaded(data) -> None:  # printed before training: Ctrl-C tests and users wait for it
+        print(f"data: {data.name}, {len(data.x_train)} train / {len(data.x_test)} test samples", flush=True)
+
     result = flows.train(_load_model(args.model), args.data, epochs=args.epochs,
-                         training=_training(args))
-    print(f"data: {result.data.name}, {len(result.data.x_train)} train / {len(result.data.x_test)} test samples")
+                         training=_training(args), on_data=loaded)
     _print_accuracy("before training", result.accuracy_before)
     print(format_table(flows.TRAIN_HEADERS, result.rows()))
     save_onnx(result.model, args.output)

@@ -469,15 +469,19 @@ class TrainResult:
 TRAIN_HEADERS = ["epoch", "loss", "train accuracy", "test accuracy"]
 
 
-def train(model, data=None, *, epochs: int = 10, training: Training = Training()) -> TrainResult:
+def train(model, data=None, *, epochs: int = 10, training: Training = Training(),
+          on_data=None) -> TrainResult:
     """``tvm-scalpel train`` in one call: train ``model`` in TVM on ``data`` (a Dataset, a path,
-    or None for the embedded MNIST sample)."""
+    or None for the embedded MNIST sample). ``on_data(dataset)`` is called once the data is
+    loaded and fits the model, before any training (the command line says so then)."""
     from .finetune import accuracy, fit_data, train as fit
 
     check_count(epochs, "epochs")
     model = _as_model(model)
     data = load_data(data)
     fit_data(model, data)
+    if on_data is not None:
+        on_data(data)
     before = accuracy(model, data)
     trained, history = fit(model, data, training.settings(epochs))
     return TrainResult(trained, history, data, before)
