@@ -5,12 +5,13 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
+from tvm_scalpel.checks import default_group_width
 from tvm_scalpel.targets import resolve_target
 
 from .fuse_dense_chains import FuseDenseChains
 from .prune_weights import PruneWeightGroups
 from .rewrite_conv_layers import RewriteConvLayers
-from .rewrite_dense_layers import RewriteDenseLayers
+from .rewrite_dense_layers import LayerDecision, RewriteDenseLayers
 
 
 def scalpel_pipeline(
@@ -19,19 +20,30 @@ def scalpel_pipeline(
     group_width: int | None = None,
     importance: str = "rms",
     mode: str = "auto",
+    report: list[LayerDecision] | None = None,
+    knobs_for=None,
+    dense_kernel_for=None,
+    fuse: bool = True,
+    default_pipeline: tvm.transform.Pass | None = None,
 ) -> tvm.transform.Pass:
-    """Prune (when ``rate`` is given), rewrite conv and dense layers to our kernels, fuse chains,
-    then TVM's default Relax pipeline for the target.
+    """Prune (when ``rate`` is given), rewrite conv and dense layers to our kernels, fuse chains
+    (unless ``fuse=False``), then TVM's default Relax pipeline for the target. This is the one
+    place the passes are ordered: ``tvm_scalpel.compile`` / ``compile_onnx`` use it too.
 
-    ``group_width`` defaults to the target's fp32 SIMD width.
+    ``group_width`` defaults to the target's fp32 SIMD width. ``report`` collects one
+    ``LayerDecision`` per rewritten layer; ``knobs_for(n, k, g, rate)`` gives tuned kernel knobs
+    and ``dense_kernel_for(n, k, batch)`` a tuned dense kernel (see ``RewriteDenseLayers``);
+    ``default_pipeline`` replaces TVM's default Relax pipeline for the target.
     Use: ``tvm.compile(mod, target, relax_pipeline=scalpel_pipeline(target, rate=0.9))``.
     """
     profile = resolve_target(target)
     passes: list[tvm.transform.Pass] = []
     if rate is not None:
-        passes.append(PruneWeightGroups(rate, group_width or profile.simd_width, importance))
-    passes.append(RewriteConvLayers(profile, mode=mode))
-    passes.append(RewriteDenseLayers(profile, mode=mode))
-    passes.append(FuseDenseChains(profile))
-    passes.append(relax.get_default_pipeline(profile.target))
+        passes.append(PruneWeightGroups(rate, default_group_width(profile, group_width), importance))
+    passes.append(RewriteConvLayers(profile, mode=mode, report=report, knobs_for=knobs_for))
+    passes.append(RewriteDenseLayers(profile, mode=mode, report=report, knobs_for=knobs_for,
+                                     dense_kernel_for=dense_kernel_for))
+    if fuse:
+        passes.append(FuseDenseChains(profile))
+    passes.append(default_pipeline or relax.get_default_pipeline(profile.target))
     return tvm.transform.Sequential(passes, name="ScalpelPipeline")

@@ -109,9 +109,16 @@ def test_cli_measured_policy_keeps_csr_out_when_it_is_slower(tmp_path):
     res = run_cli("prune", "lenet-300-100", "-o", str(out), "--policy", "measured", "--rate", "0.3",
                   "--group-width", "1")
     assert res.returncode == 0, res.stderr
-    assert "undone: dense is faster" in res.stdout
+    # the decision is a measurement (fc1: dense about 10x faster than CSR at 30%): check that
+    # the file follows the printed decision for every layer, and that CSR lost somewhere
+    decisions = {line.split()[0]: "undone" in line for line in res.stdout.splitlines()
+                 if line.endswith(("kept", "undone: dense is faster"))}
+    assert set(decisions) == {"fc1.weight", "fc2.weight", "fc3.weight"}, res.stdout
+    assert any(decisions.values()), res.stdout
     w = weights_of(out)
-    assert np.all(w["fc1.weight"] != 0)
+    for name, undone in decisions.items():
+        zeros = np.mean(w[name] == 0)
+        assert zeros == 0 if undone else abs(zeros - 0.3) <= 0.02, (name, zeros)
     bad = run_cli("prune", "lenet-300-100", "-o", str(tmp_path / "x.onnx"), "--policy", "measured",
                   "--target", "aarch64")
     assert bad.returncode == 2 and "measured policy" in bad.stderr

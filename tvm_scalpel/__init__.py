@@ -2,6 +2,9 @@
 
 Public API:
 
+* ``prune`` / ``compile`` / ``tune`` / ``train`` (``tvm_scalpel.flows``): what the
+  ``tvm-scalpel`` commands do, one call each, returning ``PruneResult`` / ``CompileResult`` /
+  ``TuneResult`` per layer / ``TrainResult`` with the per-layer report;
 * ``prune_onnx`` / ``compile_onnx`` / ``export_library`` / ``load_library`` / ``run_library``:
   the flows;
 * ``GroupedSparseMatrix``: the grouped-sparse weight format;
@@ -24,6 +27,15 @@ __version__ = "0.1.0"
 # starting ``tvm-scalpel``, whose entry point lives in tvm_scalpel.cli) must not load TVM before
 # the command line has taken over Ctrl-C (see interrupts.py).
 _LAZY = {
+    "CompileResult": "flows",
+    "PruneResult": "flows",
+    "TrainResult": "flows",
+    "Training": "flows",
+    "TuneResult": "flows",
+    "compile": "flows",
+    "prune": "flows",
+    "train": "flows",
+    "tune": "flows",
     "GroupedSparseMatrix": "format",
     "ScalpelError": "errors",
     "TargetProfile": "targets",

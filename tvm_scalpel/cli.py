@@ -14,63 +14,33 @@ import os
 import sys
 from pathlib import Path
 
+from .checks import (
+    IMPORTANCES,
+    MODES,
+    NODE_CRITERIA,
+    OPTIMIZERS,
+    POLICIES,
+    parse_group_width,
+    parse_non_negative,
+    parse_positive,
+    parse_rate,
+)
 from .errors import ScalpelError
 
 log = logging.getLogger("tvm_scalpel")
 
 
 def format_table(headers: list[str], rows: list[list[object]]) -> str:
-    cells = [[str(c) for c in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
-    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in cells])
+    from .tables import format_table as table  # kept here for scripts that imported it
+
+    return table(headers, rows)
 
 
-def _rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
-    return value
+def _training(args: argparse.Namespace):
+    from .flows import Training
 
-
-def _group_width(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _load_model(spec: str):
-    """An ONNX file, or the name of a built-in network (``models.BUILDERS``)."""
-    from . import models
-    from .onnx_io import load_onnx
-
-    if spec in models.BUILDERS and not Path(spec).exists():
-        return models.build(spec)
-    return load_onnx(spec)
-
-
-def _load_data(spec: str | None):
-    from .data import load_data, mnist_sample
-
-    if spec is None or spec == "mnist-sample":
-        return mnist_sample()
-    return load_data(spec)
-
-
-def _settings(args: argparse.Namespace, epochs: int):
-    from .finetune import TrainSettings
-
-    return TrainSettings(epochs=epochs, lr=args.lr, optimizer=args.optimizer,
-                         batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
+    return Training(lr=args.lr, optimizer=args.optimizer, batch_size=args.batch_size,
+                    seed=args.seed, progress=not args.quiet)
 
 
 def _print_accuracy(label: str, value: float | None) -> None:
@@ -78,262 +48,101 @@ def _print_accuracy(label: str, value: float | None) -> None:
         print(f"test accuracy {label}: {value * 100:.2f}%")
 
 
-def _print_accuracies(data, before: float | None, model, label: str) -> None:
-    """Accuracy of the input and of the model written, when there is data."""
-    if data is None:
-        return
-    from .finetune import accuracy
-
-    _print_accuracy("before pruning", before)
-    _print_accuracy(label, accuracy(model, data))
-
-
 def cmd_prune(args: argparse.Namespace) -> int:
-    from .api import prune_onnx
+    from . import flows
     from .onnx_io import save_onnx
     from .targets import resolve_target
 
     profile = resolve_target(args.target)
-    model = _load_model(args.model)
-    node_rates, weights, conv_weights = _apply_policy(args, model, profile)
-    conv_rate = args.conv_rate if args.conv_rate is not None else (args.rate if conv_weights else None)
-    criterion = args.nodes_criterion or ("masks" if args.data else "l1")
-    wants_data = args.fine_tune or args.max_accuracy_drop is not None or (criterion == "masks" and node_rates)
-    data = _load_data(args.data) if (wants_data or args.data) else None
-    acc_in = None
-    if data is not None:
-        from .finetune import accuracy, fit_data
-
-        fit_data(model, data)  # shape check before any long work
-        acc_in = accuracy(model, data)
-
-    if node_rates:
-        from .finetune import node_prune
-
-        # the rules are hardware-aware: kept counts in whole vectors of the target
-        block = profile.simd_width if args.policy != "none" else None
-        result = node_prune(model, node_rates, data, _settings(args, args.fine_tune),
-                            mask_epochs=args.mask_epochs, criterion=criterion, block=block,
-                            strict=args.strict)
-        rows = [[r.name, result.nodes_before[r.name], result.nodes_after[r.name], r.node,
-                 r.reason or (f"coupled with {', '.join(r.coupled)}" if r.coupled else "")]
-                for r in result.layers]
-        print(format_table(["layer", "nodes before", "nodes after", "node", "note"], rows))
-        print(f"node pruning removed {result.removed_fraction * 100:.1f}% of the prunable nodes")
-        model = result.model
-
-    g = profile.simd_width if args.group_width in (None, "auto") else args.group_width
-    if not weights and conv_rate is None:
-        save_onnx(model, args.output)
-        _print_accuracies(data, acc_in, model, "after pruning")
+    try:
+        result = flows.prune(
+            args.model, args.rate, target=profile, group_width=args.group_width,
+            importance=args.importance, last_layer_rate=args.last_layer_rate,
+            conv_rate=args.conv_rate, nodes=args.nodes, nodes_criterion=args.nodes_criterion,
+            policy=args.policy, rpc=args.rpc, db=args.db, fine_tune=args.fine_tune,
+            max_accuracy_drop=args.max_accuracy_drop, mask_epochs=args.mask_epochs,
+            data=args.data, training=_training(args), strict=args.strict)
+    except flows.NoRateFound as err:
+        _print_prune_steps(err.result)
+        raise
+    _print_prune_steps(result)
+    if result.weights is None:
+        save_onnx(result.model, args.output)
+        _print_prune_accuracies(result, "after pruning")
         print(f"wrote {args.output} (target {profile.name}: node pruning only)")
         return 0
-    if args.max_accuracy_drop is not None:
-        from .finetune import search_max_rate
-
-        best, base, tried = search_max_rate(model, data, args.max_accuracy_drop, g,
-                                            _settings(args, args.fine_tune or 3), profile,
-                                            args.importance, last_layer_rate=args.last_layer_rate)
-        print(format_table(["rate", "accuracy before fine-tune", "accuracy"],
-                           [[f"{t.rate:.2f}", f"{t.accuracy_before_fine_tune * 100:.2f}%",
-                             f"{t.accuracy * 100:.2f}%"] for t in tried]))
-        if best is None:
-            raise ScalpelError(f"no pruning rate kept accuracy within {args.max_accuracy_drop} points "
-                               f"of {base * 100:.2f}%")
-        print(f"largest rate within {args.max_accuracy_drop} points: {best.rate}")
-        rate, model_to_prune = best.rate, best.model
-    else:
-        rate, model_to_prune = args.rate, model
-    last = None if args.last_layer_rate is None else min(rate, args.last_layer_rate)
-    outcome = prune_onnx(model_to_prune, rate if weights else 0.0, profile, args.group_width,
-                         args.importance, last if weights else None, tuning_db=args.db,
-                         conv_rate=conv_rate)
-    if not weights:  # the FC layers went through at rate 0: they are not pruned layers
-        outcome.layers = [layer for layer in outcome.layers if layer.kind == "conv"]
-    if args.policy == "measured":
-        from .policy import keep_where_sparse_pays
-
-        measured = keep_where_sparse_pays(outcome, profile, rpc=args.rpc)
-        print(format_table(["layer", "dense us", "grouped-sparse us", "weight pruning"],
-                           [[m.name, f"{m.dense_us:.2f}", f"{m.sparse_us:.2f}",
-                             "kept" if m.pays else "undone: dense is faster"] for m in measured]))
-        outcome.layers = [layer for layer, m in zip(outcome.layers, measured) if m.pays]
-    elif not outcome.layers:
-        log.warning("no dense layer with a constant weight found: weights left as they are")
-    final = outcome.model
-    if args.fine_tune and args.max_accuracy_drop is None and rate > 0:
-        from .finetune import train
-
-        final, _ = train(final, data, _settings(args, args.fine_tune), keep_zeros=True,
-                         desc="fine-tune")
-    save_onnx(final, args.output)
-    _print_layer_table(outcome)
-    _print_accuracies(data, acc_in, final, "after pruning" + (" and fine-tuning" if args.fine_tune else ""))
+    if result.measured is not None:
+        print(format_table(flows.MEASURED_HEADERS, result.measured_rows()))
+    save_onnx(result.model, args.output)
+    print(format_table(flows.PRUNE_HEADERS, result.rows()))
+    _print_prune_accuracies(result, "after pruning" + (" and fine-tuning" if args.fine_tune else ""))
     print(f"wrote {args.output} (target {profile.name}, importance {args.importance})")
     return 0
 
 
-def _apply_policy(args: argparse.Namespace, model, profile) -> tuple[dict | float | None, bool, bool]:
-    """``(node pruning rates, whether to weight-prune FC layers, and CONV layers)`` from the
-    flags or the target's rules."""
-    if args.rpc is not None and args.policy != "measured":
-        raise ScalpelError("--rpc measures layers for --policy measured; it means nothing without it")
-    if args.policy == "none":
-        return args.nodes, True, False
-    if args.policy == "measured" and profile.name != "x86" and args.rpc is None:
-        raise ScalpelError(f"the measured policy times kernels on the target: give --rpc HOST:PORT "
-                           f"of a {profile.name} RPC server, or use --target x86 to measure here")
-    from .policy import plan_layers
+def _print_prune_steps(result) -> None:
+    """The policy's plan, node pruning and the rate search, as far as they ran."""
+    from . import flows
 
-    plans = plan_layers(model, profile)
-    rate = args.nodes if args.nodes is not None else 0.5
-    nodes = {p.name: rate for p in plans if p.method == "nodes"}
-    print(f"policy for {profile.name} ({profile.parallelism} parallelism):")
-    print(format_table(["layer", "kind", "pruning", "note"],
-                       [[p.name, p.kind, p.method, p.note] for p in plans]))
-    weights = {kind: any(p.method == "weights" and p.kind == kind for p in plans) for kind in ("fc", "conv")}
-    return nodes or None, weights["fc"], weights["conv"]
+    if result.policy is not None:
+        print(f"policy for {result.target.name} ({result.target.parallelism} parallelism):")
+        print(format_table(flows.POLICY_HEADERS, result.policy_rows()))
+    if result.nodes is not None:
+        print(format_table(flows.NODE_HEADERS, result.node_rows()))
+        print(f"node pruning removed {result.nodes.removed_fraction * 100:.1f}% of the prunable nodes")
+    if result.search is not None:
+        print(format_table(flows.SEARCH_HEADERS, result.search_rows()))
+        if result.rate is not None:
+            print(f"largest rate within {result.max_accuracy_drop} points: {result.rate}")
 
 
-def _print_layer_table(outcome) -> None:
-    rows = []
-    for position, layer in enumerate(outcome.layers):
-        rows.append([
-            outcome.weight_name(position),
-            f"{layer.shape[0]}x{layer.shape[1]}",
-            layer.group_width,
-            f"{layer.rate:.3f}",
-            layer.dense_bytes,
-            layer.sparse_bytes,
-        ])
-    total_dense = sum(r.dense_bytes for r in outcome.layers)
-    total_sparse = sum(r.sparse_bytes for r in outcome.layers)
-    rows.append(["total", "", "", "", total_dense, total_sparse])
-    print(format_table(["layer", "shape (NxK)", "g", "rate", "dense bytes", "grouped-sparse bytes"], rows))
+def _print_prune_accuracies(result, label: str) -> None:
+    """Accuracy of the input and of the model written, when there is data."""
+    if result.data is None:
+        return
+    _print_accuracy("before pruning", result.accuracy_before)
+    _print_accuracy(label, result.accuracy_after)
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from .api import dense_layer_shapes
+    from . import flows
     from .targets import resolve_target
-    from .tuning import Task, TuningDatabase, tune_task
 
     profile = resolve_target(args.target)
-    if profile.kind != "llvm":
-        raise ScalpelError(f"tuning measures our CPU kernels: target {profile.name} has none yet")
-    if args.dense_trials and (profile.name != "x86" or args.rpc is not None):
-        raise ScalpelError("--dense-trials tunes dense layers with meta_schedule on this machine: "
-                           "use --target x86 without --rpc")
-    if profile.name != "x86" and args.rpc is None:
-        raise ScalpelError(f"target {profile.name} cannot run here: measure on it with --rpc")
-    measure_fn = None
-    if args.rpc is not None:
-        from functools import partial
-
-        from .remote import connect
-        from .tuning import measure
-
-        connect(args.rpc).cpu()  # a server that is down is an error before any work
-        measure_fn = partial(measure, rpc=args.rpc)
-    shapes = dense_layer_shapes(_load_model(args.model))
-    if not shapes:
-        raise ScalpelError(f"{args.model}: no dense layer to tune")
-    db = TuningDatabase(args.db)
-    tasks = [Task(n, k, args.rate, args.batch) for _, (n, k) in shapes]
-    sparse_trials = args.trials if args.rate > 0 else 0  # rate 0: every layer stays dense
-    rows, total_new = [], 0
-    with tqdm(total=len(tasks) * (sparse_trials + 1), desc="tune", unit="trial",
-              disable=True if args.quiet else None, leave=False) as bar:
-        for (name, _), task in zip(shapes, tasks):
-            row, new = _tune_layer(args, task, profile, db, sparse_trials, measure_fn, bar)
-            total_new += new
-            rows.append([name, f"{task.n}x{task.k}"] + row)
-    print(format_table(["layer", "shape (NxK)", "best g", "unroll", "batch tile", "threads",
-                        "sparse us", "dense us (ours)", "dense us (meta_schedule)", "kernel",
-                        "new trials"], rows))
-    print(f"{total_new} new measurements; database {args.db} (target {profile.name}, "
-          f"rate {args.rate}, batch {args.batch})")
+    results = flows.tune(args.model, args.db, target=profile, rate=args.rate,
+                         batch=args.batch, trials=args.trials, dense_trials=args.dense_trials,
+                         rpc=args.rpc, progress=not args.quiet, name=args.model)
+    print(format_table(flows.TUNE_HEADERS, [r.row() for r in results]))
+    print(f"{sum(r.new_trials for r in results)} new measurements; database {args.db} (target "
+          f"{profile.name}, rate {args.rate}, batch {args.batch})")
     return 0
 
 
-def _tune_layer(args, task, profile, db, sparse_trials: int, measure_fn, bar) -> tuple[list, int]:
-    """Tune one layer: grouped-sparse candidates, our dense kernel, and (``--dense-trials``)
-    meta_schedule where the layer stays dense. Returns its table row and new measurements."""
-    import numpy as np
-
-    from .tuning import time_layer, tune_task
-
-    best = secs = None
-    new = 0
-    if sparse_trials:
-        kwargs = {"measure_fn": measure_fn} if measure_fn else {}
-        best, secs, new = tune_task(task, profile, db, sparse_trials, progress=bar, **kwargs)
-        bar.update(sparse_trials - new)
-    dense = db.dense_times(profile, task.n, task.k, task.batch)
-    if "ours" not in dense:
-        w = np.random.default_rng(0).standard_normal((task.n, task.k)).astype(np.float32)
-        db.add_dense(profile, task.n, task.k, task.batch, "ours", time_layer(profile, w, task.batch, rpc=args.rpc))
-        new += 1
-    bar.update(1)
-    stays_dense = secs is None or secs >= db.dense_times(profile, task.n, task.k, task.batch)["ours"]
-    if stays_dense and args.dense_trials and "meta_schedule" not in dense:
-        from .dense_tuning import ms_work_dir, tune_dense
-
-        bar.set_postfix_str(f"meta_schedule {task.n}x{task.k}")
-        times = tune_dense(profile, task.batch, task.n, task.k, args.dense_trials, ms_work_dir(args.db))
-        for kernel, seconds in times.items():
-            db.add_dense(profile, task.n, task.k, task.batch, kernel, seconds)
-        new += args.dense_trials
-    dense = db.dense_times(profile, task.n, task.k, task.batch)
-    if not stays_dense:
-        kernel = f"grouped-sparse g={best.group_width}"
-    else:
-        kernel = "dense (meta_schedule)" if db.meta_schedule_wins(profile, task.n, task.k, task.batch) else "dense (ours)"
-    fmt = lambda v: "-" if v is None else f"{v * 1e6:.2f}"  # noqa: E731
-    row = ["-"] * 4 if best is None else [best.group_width, best.unroll,
-                                         best.batch_tile if task.batch > 1 else "-",
-                                         "yes" if best.parallel else "no"]
-    return row + [fmt(secs), fmt(dense.get("ours")), fmt(dense.get("meta_schedule")), kernel, new], new
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    from .finetune import accuracy, fit_data, train
+    from . import flows
     from .onnx_io import save_onnx
 
-    model = _load_model(args.model)
-    data = _load_data(args.data)
-    fit_data(model, data)
-    print(f"data: {data.name}, {len(data.x_train)} train / {len(data.x_test)} test samples")
-    _print_accuracy("before training", accuracy(model, data))
-    trained, history = train(model, data, _settings(args, args.epochs))
-    rows = [[h.epoch, f"{h.loss:.4f}", f"{h.train_accuracy * 100:.2f}%",
-             "-" if h.test_accuracy is None else f"{h.test_accuracy * 100:.2f}%"] for h in history]
-    print(format_table(["epoch", "loss", "train accuracy", "test accuracy"], rows))
-    save_onnx(trained, args.output)
-    _print_accuracy("after training", history[-1].test_accuracy)
+    def loaded(data) -> None:  # printed before training: Ctrl-C tests and users wait for it
+        print(f"data: {data.name}, {len(data.x_train)} train / {len(data.x_test)} test samples", flush=True)
+
+    result = flows.train(args.model, args.data, epochs=args.epochs,
+                         training=_training(args), on_data=loaded)
+    _print_accuracy("before training", result.accuracy_before)
+    print(format_table(flows.TRAIN_HEADERS, result.rows()))
+    save_onnx(result.model, args.output)
+    _print_accuracy("after training", result.accuracy_after)
     print(f"wrote {args.output}")
     return 0
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from .api import cross_linker, compile_onnx, export_library
-    from .onnx_io import initializer_names, load_onnx
-    from .targets import resolve_target
+    from . import flows
 
-    if Path(args.output).suffix != ".so":
-        raise ScalpelError(f"{args.output}: the output library must end in .so")
-    profile = resolve_target(args.target)
-    cross_linker(profile)  # a missing cross compiler is an error before minutes of compiling
-    model = load_onnx(args.model)
-    outcome = compile_onnx(model, profile, mode=args.mode, tuning_db=args.db, batch=args.batch)
-    export_library(outcome.executable, args.output, profile)
-    names = initializer_names(model, [d.weight for d in outcome.layers])
-    rows = [[name or d.name, f"{d.shape[0]}x{d.shape[1]}", f"{1 - d.density:.3f}", d.group_width or "-",
-             d.kernel, f"{d.estimated_speedup:.2f}" if d.group_width else "-"] for d, name in zip(outcome.layers, names)]
-    print(format_table(["layer", "shape (NxK)", "zeros", "g", "kernel", "est. speedup"], rows))
-    sparse = sum(d.kernel == "grouped-sparse" for d in outcome.layers)
-    print(f"{sparse} of {len(outcome.layers)} dense layers went grouped-sparse; wrote {args.output}")
+    result = flows.compile(args.model, args.output, target=args.target, mode=args.mode,
+                           db=args.db, batch=args.batch)
+    print(format_table(flows.COMPILE_HEADERS, result.rows()))
+    print(f"{result.sparse_layers} of {len(result.layers)} dense layers went grouped-sparse; "
+          f"wrote {args.output}")
     return 0
 
 
@@ -392,32 +201,11 @@ def _check_output_count(output: str, names: list[str]) -> None:
                            "give -o a .npz name to write them all")
 
 
-def _positive(text: str) -> int:
-    value = _integer(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    value = _integer(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _integer(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-
-
 def _add_training_args(p: argparse.ArgumentParser, data_help: str) -> None:
     p.add_argument("--data", default=None, help=data_help)
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate")
-    p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
-    p.add_argument("--batch-size", type=_positive, default=64)
+    p.add_argument("--optimizer", choices=list(OPTIMIZERS), default="adam")
+    p.add_argument("--batch-size", type=parse_positive, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -440,26 +228,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="input ONNX model (or lenet-300-100 / lenet5, built in)")
     p.add_argument("-o", "--output", required=True, help="pruned ONNX model to write")
     p.add_argument("--target", default="x86", help=target_help)
-    p.add_argument("--group-width", type=_group_width, default=None,
+    p.add_argument("--group-width", type=parse_group_width, default=None,
                    help="g, weights per group (default: the target's fp32 SIMD width; 1 = "
                         "unstructured; auto = each layer's fastest g in the tuning database)")
     p.add_argument("--db", default=None, help="tuning database written by 'tvm-scalpel tune'")
-    p.add_argument("--rate", type=_rate, default=0.9, help="fraction of each layer's weights to remove")
-    p.add_argument("--last-layer-rate", type=_rate, default=None,
+    p.add_argument("--rate", type=parse_rate, default=0.9, help="fraction of each layer's weights to remove")
+    p.add_argument("--last-layer-rate", type=parse_rate, default=None,
                    help="rate for the last dense layer (the class scores); default: --rate")
-    p.add_argument("--conv-rate", type=_rate, default=None,
+    p.add_argument("--conv-rate", type=parse_rate, default=None,
                    help="also weight-prune CONV layers at this rate (with --policy rules, "
                         "low-parallelism targets do so at --rate unless this says otherwise)")
     p.add_argument("--rpc", default=None, metavar="ADDRESS",
                    help="with --policy measured: measure on an RPC server of the target "
                         "(HOST:PORT or tracker://HOST:PORT/KEY) instead of here")
-    p.add_argument("--importance", choices=["rms", "max", "mean"], default="rms")
-    p.add_argument("--nodes", type=_rate, default=None, metavar="RATE",
+    p.add_argument("--importance", choices=list(IMPORTANCES), default="rms")
+    p.add_argument("--nodes", type=parse_rate, default=None, metavar="RATE",
                    help="first remove this fraction of the neurons / feature maps of each layer")
-    p.add_argument("--nodes-criterion", choices=["masks", "l1", "l2"], default=None,
+    p.add_argument("--nodes-criterion", choices=list(NODE_CRITERIA), default=None,
                    help="masks: trained mask layers (needs data; the default with --data); "
                         "l1/l2: weight norms (the default without)")
-    p.add_argument("--policy", choices=["none", "rules", "measured"], default="none",
+    p.add_argument("--policy", choices=list(POLICIES), default="none",
                    help="rules: the paper's hardware-aware choice per layer for --target (weights "
                         "for FC and CONV on microcontrollers, FC weights + CONV nodes on CPUs, "
                         "nodes only on GPUs); measured: the rules, then weight pruning is kept "
@@ -468,8 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true",
                    help="node pruning: a layer that cannot be pruned is an error (default: it "
                         "stays whole, with a warning)")
-    p.add_argument("--mask-epochs", type=_positive, default=3, help="epochs of mask-layer training")
-    p.add_argument("--fine-tune", type=_non_negative, default=0, metavar="EPOCHS",
+    p.add_argument("--mask-epochs", type=parse_positive, default=3, help="epochs of mask-layer training")
+    p.add_argument("--fine-tune", type=parse_non_negative, default=0, metavar="EPOCHS",
                    help="fine-tune after pruning, pruned weights kept at zero (needs data)")
     p.add_argument("--max-accuracy-drop", type=float, default=None, metavar="POINTS",
                    help="search the largest rate whose fine-tuned accuracy is within POINTS of the input's")
@@ -480,11 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("model", help="ONNX model (or lenet-300-100 / lenet5, built in)")
     u.add_argument("--target", default="x86", help=target_help)
     u.add_argument("--db", required=True, help="tuning database (JSON lines; created or extended)")
-    u.add_argument("--rate", type=_rate, default=0.9, help="pruning rate the layers are tuned for")
-    u.add_argument("--batch", type=_positive, default=1, help="batch size tuned for")
-    u.add_argument("--trials", type=_positive, default=16,
+    u.add_argument("--rate", type=parse_rate, default=0.9, help="pruning rate the layers are tuned for")
+    u.add_argument("--batch", type=parse_positive, default=1, help="batch size tuned for")
+    u.add_argument("--trials", type=parse_positive, default=16,
                    help="candidates known per layer at the end (database records count)")
-    u.add_argument("--dense-trials", type=_non_negative, default=0, metavar="TRIALS",
+    u.add_argument("--dense-trials", type=parse_non_negative, default=0, metavar="TRIALS",
                    help="tune the layers that stay dense with meta_schedule, this many trials "
                         "each (x86; a minute or more per layer); compile --db --batch uses the "
                         "result where it beats our dense kernel")
@@ -496,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a classifier with TVM; writes the trained ONNX")
     t.add_argument("model", help="ONNX model, or lenet-300-100 / lenet5 (built in)")
     t.add_argument("-o", "--output", required=True, help="trained ONNX model to write")
-    t.add_argument("--epochs", type=_positive, default=10)
+    t.add_argument("--epochs", type=parse_positive, default=10)
     _add_training_args(t, data_help="mnist-sample (default), a .npz with x and y, or an MNIST IDX folder")
     t.set_defaults(func=cmd_train)
 
@@ -504,11 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model", help="input ONNX model (pruned or not)")
     c.add_argument("-o", "--output", required=True, help="library to write (.so)")
     c.add_argument("--target", default="x86", help=target_help)
-    c.add_argument("--mode", choices=["auto", "sparse", "dense"], default="auto",
+    c.add_argument("--mode", choices=list(MODES), default="auto",
                    help="auto: sparse only where the cost model says it pays (default)")
     c.add_argument("--db", default=None, help="tuning database: use the kernel knobs measured best "
                    "(and meta_schedule's dense kernels where they won, with --batch)")
-    c.add_argument("--batch", type=_positive, default=None,
+    c.add_argument("--batch", type=parse_positive, default=None,
                    help="fix the batch size (default: any batch at run time)")
     c.set_defaults(func=cmd_compile)
 

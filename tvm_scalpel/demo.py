@@ -21,7 +21,7 @@ import onnx
 
 from . import configure_threads
 from .api import compile_onnx, export_library
-from .cli import format_table
+from .tables import format_table
 from .models import lenet_300_100
 from .onnx_io import atomic_output, save_onnx
 from .targets import resolve_target

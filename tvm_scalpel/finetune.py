@@ -12,6 +12,7 @@ import onnx
 
 from .api import prune_onnx
 from .data import Dataset
+from .checks import check_rate
 from .errors import ScalpelError
 from .training import EpochLog, Trainer
 
@@ -183,8 +184,8 @@ def node_prune(model: onnx.ModelProto, rate: float | Mapping[str, float] | None 
     """
     from .node_pruning import out_channels, prune_coupled
 
-    if isinstance(rate, (int, float)) and not 0.0 <= rate < 1.0:
-        raise ScalpelError(f"node pruning rate must be in [0, 1), got {rate}")
+    if isinstance(rate, (int, float)):
+        check_rate(rate, "node pruning rate")
     if criterion == "masks":
         if data is None:
             raise ScalpelError("node pruning with trained masks needs data (or use an L1/L2 criterion)")

@@ -30,6 +30,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .checks import check_rate
 from .errors import ScalpelError
 from .onnx_io import MAX_IR_VERSION, to_relax
 
@@ -265,8 +266,7 @@ def masks_for_rate(importances: Mapping[str, np.ndarray],
         r = rate.get(name) if isinstance(rate, Mapping) else rate
         if r is None:
             continue
-        if not 0.0 <= float(r) < 1.0:
-            raise ScalpelError(f"node pruning rate must be in [0, 1), got {r} for {name}")
+        check_rate(r, "node pruning rate", where=f" for {name}")
         imp = np.asarray(imp, dtype=np.float64).reshape(-1)
         n = imp.size
         asked = int(round(float(r) * n))

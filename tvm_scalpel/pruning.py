@@ -13,14 +13,11 @@ constant. The result then says ``capped`` and reports the rate reached.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 
+from .checks import IMPORTANCES, check_group_width, check_rate
 from .format import group_sizes, group_view, num_group_cols
-
-Importance = Literal["rms", "max", "mean"]
-IMPORTANCES: tuple[str, ...] = ("rms", "max", "mean")
 
 
 def group_importance(w: np.ndarray, g: int, importance: str = "rms") -> np.ndarray:
@@ -48,10 +45,8 @@ class PruneResult:
 def prune_groups(w: np.ndarray, g: int, rate: float, importance: str = "rms") -> PruneResult:
     """Remove the weakest groups of ``w[N, K]`` so that ``rate`` of its weights are gone, always
     keeping the strongest group (``capped`` says when that stopped short of the rate)."""
-    if not 0.0 <= rate < 1.0:
-        raise ValueError(f"pruning rate must be in [0, 1), got {rate}")
-    if g < 1:
-        raise ValueError(f"group width must be >= 1, got {g}")
+    check_rate(rate, error=ValueError)
+    check_group_width(g, error=ValueError)
     n, k = w.shape
     imp = group_importance(w, g, importance).ravel()
     sizes = np.tile(group_sizes(k, g), n)

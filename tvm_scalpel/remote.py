@@ -71,7 +71,7 @@ def run_remote(spec: str, library: str | os.PathLike, x: np.ndarray,
     from tvm import relax, runtime
 
     from . import interrupts
-    from .api import check_input, library_signature, named_outputs
+    from .signature import check_input, library_signature, named_outputs
 
     session = connect(spec, timeout)
     lib = upload_library(session, library)

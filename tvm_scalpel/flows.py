@@ -1,0 +1,497 @@
+"""What the ``tvm-scalpel`` commands do, as one call each: ``prune``, ``compile``, ``tune``,
+``train``. Each returns a result object with the per-layer report that the command prints
+(``rows()``), so a Python user can do in one call what the command line does, and the command
+line (cli.py) only parses arguments, calls these and prints.
+
+Layering: this module sits above api (prune_onnx, compile_onnx), finetune, policy and tuning,
+and below cli and demo (see tests/test_import_graph.py).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from .checks import (
+    NODE_CRITERIA,
+    OPTIMIZERS,
+    check_choice,
+    check_count,
+    check_group_width,
+    check_importance,
+    check_mode,
+    check_policy,
+    check_rate,
+    default_group_width,
+)
+from .errors import ScalpelError
+
+log = logging.getLogger("tvm_scalpel")
+
+class KernelKind(str, enum.Enum):
+    """The kernel a dense layer runs on after tuning; prints as its value."""
+
+    SPARSE = "grouped-sparse"
+    DENSE_OURS = "dense (ours)"
+    DENSE_META_SCHEDULE = "dense (meta_schedule)"
+
+    def __str__(self) -> str:
+        return self.value
+
+    __format__ = str.__format__
+
+
+def _as_model(model) -> onnx.ModelProto:
+    """A ModelProto as it is; the name of a built-in network (``models.BUILDERS``: lenet5,
+    alexnet, ...) unless a file of that name exists; else the path of an ONNX file."""
+    if isinstance(model, onnx.ModelProto):
+        return model
+    from . import models
+    from .onnx_io import load_onnx
+
+    if str(model) in models.BUILDERS and not Path(model).exists():
+        return models.build(str(model))
+    return load_onnx(model)
+
+
+def load_data(spec=None):
+    """A Dataset as it is; None or "mnist-sample" for the embedded MNIST sample; else a .npz
+    with x and y, or an MNIST IDX folder."""
+    from .data import Dataset, load_data as load_path, mnist_sample
+
+    if isinstance(spec, Dataset):
+        return spec
+    if spec is None or spec == "mnist-sample":
+        return mnist_sample()
+    return load_path(spec)
+
+
+@dataclass(frozen=True)
+class Training:
+    """How training and fine-tuning run (the command line's --lr, --optimizer, ...)."""
+
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    batch_size: int = 64
+    seed: int = 0
+    progress: bool = True
+
+    def settings(self, epochs: int):
+        from .finetune import TrainSettings
+
+        check_choice(self.optimizer, OPTIMIZERS, "optimizer")
+        check_count(self.batch_size, "batch size")
+        return TrainSettings(epochs=epochs, lr=self.lr, optimizer=self.optimizer,
+                             batch_size=self.batch_size, seed=self.seed, progress=self.progress)
+
+
+# --------------------------------------------------------------------------- prune
+
+
+@dataclass
+class PruneResult:
+    """What ``prune`` did, step by step; a step that did not run is None."""
+
+    model: onnx.ModelProto  # the pruned (and fine-tuned) model, standard ONNX
+    target: object  # the TargetProfile pruned for
+    importance: str
+    policy: list | None = None  # policy.LayerPlan per weight layer (policy rules / measured)
+    nodes: object | None = None  # finetune.NodePruneResult (node pruning)
+    search: list | None = None  # finetune.PruneStep per rate tried (max_accuracy_drop)
+    search_base: float | None = None  # the accuracy the search kept within its budget of
+    max_accuracy_drop: float | None = None  # that budget, in percentage points
+    rate: float | None = None  # the weight pruning rate applied (None: node pruning only)
+    weights: object | None = None  # api.PruneOutcome: the weight-pruned layers
+    measured: list | None = None  # policy.MeasuredLayer per layer (policy measured)
+    accuracy_before: float | None = None  # of the input model, when there is data
+    accuracy_after: float | None = None  # of ``model``
+    fine_tuned: bool = False
+    data: object | None = None  # the Dataset used, if any
+
+    def node_rows(self) -> list[list]:
+        if self.nodes is None:
+            return []
+        return [[r.name, self.nodes.nodes_before[r.name], self.nodes.nodes_after[r.name], r.node,
+                 r.reason or (f"coupled with {', '.join(r.coupled)}" if r.coupled else "")]
+                for r in self.nodes.layers]
+
+    def policy_rows(self) -> list[list]:
+        return [[p.name, p.kind, p.method, p.note] for p in self.policy or []]
+
+    def search_rows(self) -> list[list]:
+        return [[f"{t.rate:.2f}", f"{t.accuracy_before_fine_tune * 100:.2f}%", f"{t.accuracy * 100:.2f}%"]
+                for t in self.search or []]
+
+    def measured_rows(self) -> list[list]:
+        return [[m.name, f"{m.dense_us:.2f}", f"{m.sparse_us:.2f}",
+                 "kept" if m.pays else "undone: dense is faster"] for m in self.measured or []]
+
+    def rows(self) -> list[list]:
+        """The per-layer weight pruning table (the last row: totals); empty without it."""
+        outcome = self.weights
+        if outcome is None:
+            return []
+        rows = [[outcome.weight_name(position), f"{layer.shape[0]}x{layer.shape[1]}", layer.group_width,
+                 f"{layer.rate:.3f}", layer.dense_bytes, layer.sparse_bytes]
+                for position, layer in enumerate(outcome.layers)]
+        rows.append(["total", "", "", "", sum(r.dense_bytes for r in outcome.layers),
+                     sum(r.sparse_bytes for r in outcome.layers)])
+        return rows
+
+
+PRUNE_HEADERS = ["layer", "shape (NxK)", "g", "rate", "dense bytes", "grouped-sparse bytes"]
+NODE_HEADERS = ["layer", "nodes before", "nodes after", "node", "note"]
+POLICY_HEADERS = ["layer", "kind", "pruning", "note"]
+SEARCH_HEADERS = ["rate", "accuracy before fine-tune", "accuracy"]
+MEASURED_HEADERS = ["layer", "dense us", "grouped-sparse us", "weight pruning"]
+
+
+class NoRateFound(ScalpelError):
+    """``max_accuracy_drop``: no rate tried kept the accuracy; ``result`` holds the steps so far
+    (its ``search`` says what each rate reached)."""
+
+    def __init__(self, message: str, result: PruneResult) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+def prune(model, rate: float = 0.9, *, target="x86", group_width: int | str | None = None,
+          importance: str = "rms", last_layer_rate: float | None = None,
+          conv_rate: float | None = None, nodes: float | None = None,
+          nodes_criterion: str | None = None, policy: str = "none", rpc: str | None = None,
+          db: str | os.PathLike | None = None, fine_tune: int = 0,
+          max_accuracy_drop: float | None = None, mask_epochs: int = 3, data=None,
+          training: Training = Training(), strict: bool = False) -> PruneResult:
+    """``tvm-scalpel prune`` in one call: the policy's plan (``policy="rules"`` / ``"measured"``),
+    node pruning (``nodes``), the rate search (``max_accuracy_drop``), SIMD-aware weight pruning
+    at ``rate`` (``group_width``: the target's SIMD width by default, ``"auto"`` from the tuning
+    database ``db``), the measured policy's undoing where sparse does not pay, and fine-tuning
+    (``fine_tune`` epochs). ``strict``: a layer node pruning cannot shrink is an error, not a
+    warning. ``data`` (a Dataset, a path, or None for the MNIST sample where data
+    is needed) gives the accuracies. The model is returned, not written."""
+    from .targets import resolve_target
+
+    check_rate(rate)
+    for extra, what in ((last_layer_rate, "last layer rate"), (conv_rate, "conv rate"),
+                        (nodes, "node pruning rate")):
+        if extra is not None:
+            check_rate(extra, what)
+    check_group_width(group_width, allow_auto=True)
+    check_importance(importance)
+    check_policy(policy)
+    check_count(fine_tune, "fine-tune epochs", 0)
+    check_count(mask_epochs, "mask epochs")
+    if nodes_criterion is not None:
+        check_choice(nodes_criterion, NODE_CRITERIA, "node pruning criterion")
+    profile = resolve_target(target)
+    model = _as_model(model)
+    result = PruneResult(model, profile, importance)
+    node_rates, weights, conv_weights = _apply_policy(policy, rpc, nodes, model, profile, result)
+    conv_rate = conv_rate if conv_rate is not None else (rate if conv_weights else None)
+    criterion = nodes_criterion or ("masks" if data is not None else "l1")
+    wants_data = fine_tune or max_accuracy_drop is not None or (criterion == "masks" and node_rates)
+    if wants_data or data is not None:
+        from .finetune import accuracy, fit_data
+
+        result.data = load_data(data)
+        fit_data(model, result.data)  # shape check before any long work
+        result.accuracy_before = accuracy(model, result.data)
+    data = result.data
+
+    if node_rates:
+        from .finetune import node_prune
+
+        # the rules are hardware-aware: kept counts in whole vectors of the target
+        block = profile.simd_width if policy != "none" else None
+        result.nodes = node_prune(model, node_rates, data, training.settings(fine_tune),
+                                  mask_epochs=mask_epochs, criterion=criterion, block=block,
+                                  strict=strict)
+        model = result.model = result.nodes.model
+
+    g = default_group_width(profile, group_width)
+    if not weights and conv_rate is None:
+        return _finish(result, model, data)
+    if max_accuracy_drop is not None:
+        from .finetune import search_max_rate
+
+        best, base, tried = search_max_rate(model, data, max_accuracy_drop, g,
+                                            training.settings(fine_tune or 3), profile,
+                                            importance, last_layer_rate=last_layer_rate)
+        result.search, result.search_base, result.max_accuracy_drop = tried, base, max_accuracy_drop
+        if best is None:
+            raise NoRateFound(f"no pruning rate kept accuracy within {max_accuracy_drop} points "
+                              f"of {base * 100:.2f}%", result)
+        rate, model = best.rate, best.model
+    from .api import prune_onnx
+
+    result.rate = rate
+    last = None if last_layer_rate is None else min(rate, last_layer_rate)
+    outcome = prune_onnx(model, rate if weights else 0.0, profile, group_width, importance,
+                         last if weights else None, tuning_db=db, conv_rate=conv_rate)
+    if not weights:  # the FC layers went through at rate 0: they are not pruned layers
+        outcome.layers = [layer for layer in outcome.layers if layer.kind == "conv"]
+    if policy == "measured":
+        from .policy import keep_where_sparse_pays
+
+        result.measured = keep_where_sparse_pays(outcome, profile, rpc=rpc)
+        outcome.layers = [layer for layer, m in zip(outcome.layers, result.measured) if m.pays]
+    elif not outcome.layers:
+        log.warning("no dense layer with a constant weight found: weights left as they are")
+    result.weights = outcome
+    final = outcome.model
+    if fine_tune and max_accuracy_drop is None and rate > 0:
+        from .finetune import train as fit
+
+        final, _ = fit(final, data, training.settings(fine_tune), keep_zeros=True, desc="fine-tune")
+        result.fine_tuned = True
+    return _finish(result, final, data)
+
+
+def _finish(result: PruneResult, model: onnx.ModelProto, data) -> PruneResult:
+    result.model = model
+    if data is not None:
+        from .finetune import accuracy
+
+        result.accuracy_after = accuracy(model, data)
+    return result
+
+
+def _apply_policy(policy: str, rpc, nodes, model, profile, result: PruneResult):
+    """``(node pruning rates, whether to weight-prune FC layers, and CONV layers)`` from the
+    arguments or the target's rules (recorded in ``result.policy``)."""
+    if rpc is not None and policy != "measured":
+        raise ScalpelError("--rpc measures layers for --policy measured; it means nothing without it")
+    if policy == "none":
+        return nodes, True, False
+    if policy == "measured" and profile.name != "x86" and rpc is None:
+        raise ScalpelError(f"the measured policy times kernels on the target: give --rpc HOST:PORT "
+                           f"of a {profile.name} RPC server, or use --target x86 to measure here")
+    from .policy import plan_layers
+
+    result.policy = plans = plan_layers(model, profile)
+    rate = nodes if nodes is not None else 0.5
+    node_rates = {p.name: rate for p in plans if p.method == "nodes"}
+    weights = {kind: any(p.method == "weights" and p.kind == kind for p in plans) for kind in ("fc", "conv")}
+    return node_rates or None, weights["fc"], weights["conv"]
+
+
+# --------------------------------------------------------------------------- compile
+
+
+@dataclass
+class CompileResult:
+    executable: object  # tvm.runtime.Executable
+    layers: list  # passes.LayerDecision per dense / conv layer
+    names: list[str]  # each layer's ONNX weight initializer (its Relax name where unknown)
+    target: object  # the TargetProfile
+    output: str | None = None  # the library written, if any
+
+    @property
+    def sparse_layers(self) -> int:
+        return sum(d.kernel == "grouped-sparse" for d in self.layers)
+
+    def rows(self) -> list[list]:
+        return [[name, f"{d.shape[0]}x{d.shape[1]}", f"{1 - d.density:.3f}", d.group_width or "-",
+                 d.kernel, f"{d.estimated_speedup:.2f}" if d.group_width else "-"]
+                for d, name in zip(self.layers, self.names)]
+
+
+COMPILE_HEADERS = ["layer", "shape (NxK)", "zeros", "g", "kernel", "est. speedup"]
+
+
+def compile(model, output: str | os.PathLike | None = None, *, target="x86", mode: str = "auto",
+            db: str | os.PathLike | None = None, batch: int | None = None) -> CompileResult:
+    """``tvm-scalpel compile`` in one call: layers whose zeros form groups (and pay, in
+    ``mode="auto"``) go grouped-sparse; with ``output``, the shared library is written
+    (all-or-nothing, cross-linked for a non-host target)."""
+    from .api import compile_onnx, export_library
+    from .build import cross_linker
+    from .onnx_io import initializer_names
+    from .targets import resolve_target
+
+    check_mode(mode)
+    if batch is not None:
+        check_count(batch, "batch")
+    if output is not None and Path(output).suffix != ".so":
+        raise ScalpelError(f"{output}: the output library must end in .so")
+    profile = resolve_target(target)
+    if output is not None:
+        cross_linker(profile)  # a missing cross compiler is an error before minutes of compiling
+    model = _as_model(model)
+    outcome = compile_onnx(model, profile, mode=mode, tuning_db=db, batch=batch)
+    if output is not None:
+        export_library(outcome.executable, output, profile)
+    names = initializer_names(model, [d.weight for d in outcome.layers])
+    return CompileResult(outcome.executable, outcome.layers,
+                         [name or d.name for d, name in zip(outcome.layers, names)], profile,
+                         None if output is None else str(output))
+
+
+# --------------------------------------------------------------------------- tune
+
+
+@dataclass
+class TuneResult:
+    """One dense layer, tuned."""
+
+    name: str  # its ONNX weight initializer
+    shape: tuple[int, int]  # (N, K)
+    batch: int
+    best: object | None  # tuning.Candidate: the fastest grouped-sparse one (None at rate 0)
+    sparse_seconds: float | None
+    dense_seconds: dict[str, float]  # {"ours": s, "meta_schedule": s}, those measured
+    kernel: KernelKind  # the one it runs on
+    new_trials: int  # measurements this call added to the database
+
+    @property
+    def kernel_text(self) -> str:
+        return f"grouped-sparse g={self.best.group_width}" if self.kernel is KernelKind.SPARSE else str(self.kernel)
+
+    def row(self) -> list:
+        fmt = lambda v: "-" if v is None else f"{v * 1e6:.2f}"  # noqa: E731
+        best = self.best
+        knobs = ["-"] * 4 if best is None else [best.group_width, best.unroll,
+                                                 best.batch_tile if self.batch > 1 else "-",
+                                                 "yes" if best.parallel else "no"]
+        return [self.name, f"{self.shape[0]}x{self.shape[1]}"] + knobs + [
+            fmt(self.sparse_seconds), fmt(self.dense_seconds.get("ours")),
+            fmt(self.dense_seconds.get("meta_schedule")), self.kernel_text, self.new_trials]
+
+
+TUNE_HEADERS = ["layer", "shape (NxK)", "best g", "unroll", "batch tile", "threads", "sparse us",
+                "dense us (ours)", "dense us (meta_schedule)", "kernel", "new trials"]
+
+
+def tune(model, db: str | os.PathLike, *, target="x86", rate: float = 0.9, batch: int = 1,
+         trials: int = 16, dense_trials: int = 0, rpc: str | None = None,
+         progress: bool = True, name: str | None = None) -> list[TuneResult]:
+    """``tvm-scalpel tune`` in one call: per dense layer, grouped-sparse candidates (group width
+    and kernel knobs) until ``trials`` are known in the database ``db``, our dense kernel, and
+    (``dense_trials``) meta_schedule where the layer stays dense. Measured here, or on the RPC
+    server ``rpc``; every measurement is appended to ``db`` at once. ``name`` is how an error
+    names the model (default: its path, or "the model")."""
+    from tqdm import tqdm
+
+    from .api import dense_layer_shapes
+    from .targets import resolve_target
+    from .tuning import Task, TuningDatabase
+
+    check_rate(rate)
+    check_count(batch, "batch")
+    check_count(trials, "trials")
+    check_count(dense_trials, "dense trials", 0)
+    profile = resolve_target(target)
+    if profile.kind != "llvm":
+        raise ScalpelError(f"tuning measures our CPU kernels: target {profile.name} has none yet")
+    if dense_trials and (profile.name != "x86" or rpc is not None):
+        raise ScalpelError("--dense-trials tunes dense layers with meta_schedule on this machine: "
+                           "use --target x86 without --rpc")
+    if profile.name != "x86" and rpc is None:
+        raise ScalpelError(f"target {profile.name} cannot run here: measure on it with --rpc")
+    measure_fn = None
+    if rpc is not None:
+        from functools import partial
+
+        from .remote import connect
+        from .tuning import measure
+
+        connect(rpc).cpu()  # a server that is down is an error before any work
+        measure_fn = partial(measure, rpc=rpc)
+    name = name or (str(model) if isinstance(model, (str, os.PathLike)) else "the model")
+    shapes = dense_layer_shapes(_as_model(model))
+    if not shapes:
+        raise ScalpelError(f"{name}: no dense layer to tune")
+    database = TuningDatabase(db)
+    sparse_trials = trials if rate > 0 else 0  # rate 0: every layer stays dense
+    results = []
+    with tqdm(total=len(shapes) * (sparse_trials + 1), desc="tune", unit="trial",
+              disable=None if progress else True, leave=False) as bar:
+        for layer, (n, k) in shapes:
+            task = Task(n, k, rate, batch)
+            results.append(_tune_layer(layer, task, profile, database, sparse_trials, dense_trials,
+                                       db, rpc, measure_fn, bar))
+    return results
+
+
+def _tune_layer(name, task, profile, db, sparse_trials: int, dense_trials: int, db_path, rpc,
+                measure_fn, bar) -> TuneResult:
+    """One layer: grouped-sparse candidates, our dense kernel, and (``dense_trials``)
+    meta_schedule where the layer stays dense."""
+    import numpy as np
+
+    from .tuning import time_layer, tune_task
+
+    best = secs = None
+    new = 0
+    if sparse_trials:
+        kwargs = {"measure_fn": measure_fn} if measure_fn else {}
+        best, secs, new = tune_task(task, profile, db, sparse_trials, progress=bar, **kwargs)
+        bar.update(sparse_trials - new)
+    dense = db.dense_times(profile, task.n, task.k, task.batch)
+    if "ours" not in dense:
+        w = np.random.default_rng(0).standard_normal((task.n, task.k)).astype(np.float32)
+        db.add_dense(profile, task.n, task.k, task.batch, "ours", time_layer(profile, w, task.batch, rpc=rpc))
+        new += 1
+    bar.update(1)
+    stays_dense = secs is None or secs >= db.dense_times(profile, task.n, task.k, task.batch)["ours"]
+    if stays_dense and dense_trials and "meta_schedule" not in dense:
+        from .dense_tuning import ms_work_dir, tune_dense
+
+        bar.set_postfix_str(f"meta_schedule {task.n}x{task.k}")
+        times = tune_dense(profile, task.batch, task.n, task.k, dense_trials, ms_work_dir(db_path))
+        for kernel, seconds in times.items():
+            db.add_dense(profile, task.n, task.k, task.batch, kernel, seconds)
+        new += dense_trials
+    if not stays_dense:
+        kernel = KernelKind.SPARSE
+    elif db.meta_schedule_wins(profile, task.n, task.k, task.batch):
+        kernel = KernelKind.DENSE_META_SCHEDULE
+    else:
+        kernel = KernelKind.DENSE_OURS
+    return TuneResult(name, (task.n, task.k), task.batch, best, secs,
+                      db.dense_times(profile, task.n, task.k, task.batch), kernel, new)
+
+
+# --------------------------------------------------------------------------- train
+
+
+@dataclass
+class TrainResult:
+    model: onnx.ModelProto  # the trained model
+    history: list  # training.EpochLog per epoch
+    data: object  # the Dataset trained on
+    accuracy_before: float
+
+    @property
+    def accuracy_after(self) -> float | None:
+        return self.history[-1].test_accuracy
+
+    def rows(self) -> list[list]:
+        return [[h.epoch, f"{h.loss:.4f}", f"{h.train_accuracy * 100:.2f}%",
+                 "-" if h.test_accuracy is None else f"{h.test_accuracy * 100:.2f}%"] for h in self.history]
+
+
+TRAIN_HEADERS = ["epoch", "loss", "train accuracy", "test accuracy"]
+
+
+def train(model, data=None, *, epochs: int = 10, training: Training = Training(),
+          on_data=None) -> TrainResult:
+    """``tvm-scalpel train`` in one call: train ``model`` in TVM on ``data`` (a Dataset, a path,
+    or None for the embedded MNIST sample). ``on_data(dataset)`` is called once the data is
+    loaded and fits the model, before any training (the command line says so then)."""
+    from .finetune import accuracy, fit_data, train as fit
+
+    check_count(epochs, "epochs")
+    model = _as_model(model)
+    data = load_data(data)
+    fit_data(model, data)
+    if on_data is not None:
+        on_data(data)
+    before = accuracy(model, data)
+    trained, history = fit(model, data, training.settings(epochs))
+    return TrainResult(trained, history, data, before)
