@@ -105,6 +105,7 @@ def find_conv_layers(func: relax.Function, warn: bool = True, kernels: bool = Fa
     values = {b.var: b.value for b in bindings}
     readers = readers_of(bindings)
     layers: list[ConvLayer] = []
+    claimed: set = set()  # residual adds already absorbed by a layer
     for b in bindings:
         if op_name(b.value) != "relax.nn.conv2d":
             continue
@@ -135,7 +136,7 @@ def find_conv_layers(func: relax.Function, warn: bool = True, kernels: bool = Fa
         channels = layer.shape[0]
         bias_of = lambda expr, o=channels: _channel_bias(expr, values, o)  # noqa: E731
         if kernels:
-            _absorb_for_kernels(layer, bindings, values, readers, counter.uses, bias_of)
+            _absorb_for_kernels(layer, bindings, values, readers, counter.uses, bias_of, claimed)
         else:
             absorb_epilogue(layer, values, readers, counter.uses, bias_of=bias_of)
         layers.append(layer)
@@ -184,10 +185,12 @@ def _same_dim(a, b) -> bool:
     return a.same_as(b)
 
 
-def _absorb_residual(layer: ConvLayer, values: dict, readers: dict, uses: dict) -> None:
-    """``add(conv, skip)`` where ``skip`` is a float32 tensor of exactly the output's shape."""
+def _absorb_residual(layer: ConvLayer, values: dict, readers: dict, uses: dict, claimed: set) -> None:
+    """``add(conv, skip)`` where ``skip`` is a float32 tensor of exactly the output's shape.
+    An add of two conv branches (ResNet's block with a downsample shortcut) is absorbed by the
+    first of them only (``claimed``); the other ends before it and becomes its ``skip``."""
     add = _sole_reader(layer, values, readers, uses, "relax.add")
-    if add is None:
+    if add is None or add in claimed:
         return
     lhs, rhs = values[add].args
     other = rhs if lhs.same_as(layer.output) else lhs
@@ -199,9 +202,10 @@ def _absorb_residual(layer: ConvLayer, values: dict, readers: dict, uses: dict) 
     layer.residual = other
     layer.fused.append(layer.output)
     layer.output = add
+    claimed.add(add)
 
 
-def _absorb_for_kernels(layer: ConvLayer, bindings, values, readers, uses, bias_of) -> None:
+def _absorb_for_kernels(layer: ConvLayer, bindings, values, readers, uses, bias_of, claimed: set) -> None:
     """conv [+ bias] [-> batch norm] [+ bias] [+ residual] [-> relu], each part optional."""
     add = _sole_reader(layer, values, readers, uses, "relax.add")
     if add is not None:
@@ -212,7 +216,7 @@ def _absorb_for_kernels(layer: ConvLayer, bindings, values, readers, uses, bias_
             layer.fused.append(layer.output)
             layer.output = add
     _fold_batch_norm(layer, bindings, values, readers, uses)
-    _absorb_residual(layer, values, readers, uses)
+    _absorb_residual(layer, values, readers, uses, claimed)
     if _sole_reader(layer, values, readers, uses, "relax.nn.relu") is not None:
         layer.relu = True
         layer.fused.append(layer.output)
