@@ -48,7 +48,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tvm_scalpel.gpu_runner import (  # noqa: E402  (numpy-only: no TVM needed to report)
-    FORMAT, REL_TOL, digest, gather_groups, he_uniform, undelta, unit_uniform, weight_scale)
+    FORMAT, REL_TOL, digest, gather_groups, he_uniform, pack_panels, pad_vector, undelta,
+    unit_uniform, weight_scale)
 
 log = logging.getLogger("bench_gpu")
 
@@ -279,6 +280,12 @@ class Recipes:
         return self._put(key, {"from": "init", "model": model, "name": name, "take": take_keys,
                                "transpose": False}, arr)
 
+    def derived(self, key: str, suffix: str, value: np.ndarray, **change) -> str:
+        """An init recipe with one more step (``panels``, ``pad``) applied to ``key``'s array."""
+        recipe = dict(self.arrays[key], **change)
+        recipe.pop("sha")
+        return self._put(key + suffix, recipe, value)
+
     def transposed(self, key: str) -> str:
         recipe = dict(self.arrays[key], transpose=not self.arrays[key].get("transpose", False))
         recipe.pop("sha")
@@ -292,6 +299,17 @@ class Recipes:
                 return key
             if v.ndim == 2 and v.T.shape == arr.shape and np.array_equal(v.T, arr):
                 return self.transposed(key)
+            if arr.ndim == 3 and arr.dtype == np.float32 and v.ndim == 2:  # CPU dense panels
+                for wkey in (key, None):
+                    w = v if wkey else v.T
+                    nr = arr.shape[2]
+                    if (arr.shape[:2] == (-(-w.shape[0] // nr), w.shape[1])
+                            and np.array_equal(pack_panels(w, nr), arr)):
+                        base = key if wkey else self.transposed(key)
+                        return self.derived(base, f":P{nr}", arr, panels=nr)
+            if (arr.ndim == 1 and v.ndim == 1 and arr.dtype == v.dtype and arr.shape[0] > v.shape[0]
+                    and np.array_equal(pad_vector(v, arr.shape[0]), arr)):  # bias padded to panels
+                return self.derived(key, f":pad{arr.shape[0]}", arr, pad=arr.shape[0])
         if arr.dtype.kind == "i":
             return self.file(arr)
         if arr.ndim == 2 and arr.dtype == np.float32:  # grouped-sparse values?

@@ -102,6 +102,23 @@ def undelta(arr: np.ndarray) -> np.ndarray:
     return np.cumsum(arr.astype(np.int64)).astype(np.int32)
 
 
+def pack_panels(w: np.ndarray, nr: int) -> np.ndarray:
+    """``W[N, K]`` as the CPU dense kernel reads it: panels ``P[ceil(N/nr), K, nr]`` with
+    ``P[p, k, j] = W[p*nr + j, k]``, zero-padded (``schedules.x86.pack_dense_panels``)."""
+    n, k = w.shape
+    panels = -(-n // nr)
+    padded = np.zeros((panels * nr, k), np.float32)
+    padded[:n] = w
+    return np.ascontiguousarray(padded.reshape(panels, nr, k).transpose(0, 2, 1))
+
+
+def pad_vector(v: np.ndarray, length: int) -> np.ndarray:
+    """``v`` followed by zeros up to ``length`` (a bias padded to whole panels)."""
+    out = np.zeros(length, np.float32)
+    out[: v.shape[0]] = v
+    return out
+
+
 def gather_groups(w: np.ndarray, offsets: np.ndarray, indptr: np.ndarray, g: int) -> np.ndarray:
     """The kept groups of ``w`` (rows of ``indptr``, starting columns ``offsets``), as the
     grouped-sparse kernels take them: ``values[p, lane] = w[row(p), offsets[p] + lane]``.
@@ -144,6 +161,10 @@ class Arrays:
                                    for n, idx in zip(arr.shape, r["take"])])]
             if r.get("transpose"):
                 arr = arr.T
+            if r.get("panels"):
+                arr = pack_panels(arr, r["panels"])
+            if r.get("pad"):
+                arr = pad_vector(arr, r["pad"])
             return np.ascontiguousarray(arr)
         if kind == "gather":
             w = self.get(r["weight"])
