@@ -77,7 +77,8 @@ def _unique(base: str, used: set[str]) -> str:
     return name
 
 
-def _all_names(graph: onnx.GraphProto) -> set[str]:
+def all_names(graph: onnx.GraphProto) -> set[str]:
+    """Every name in use in ``graph`` (tensors, initializers, inputs, outputs, nodes)."""
     used = {i.name for i in graph.initializer} | {i.name for i in graph.input}
     used |= {o.name for o in graph.output} | {n.name for n in graph.node if n.name}
     for node in graph.node:
@@ -104,7 +105,7 @@ def unshare_initializers(model: onnx.ModelProto) -> int:
     of copies made."""
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
-    used = _all_names(graph)
+    used = all_names(graph)
     seen: set[str] = set()
     copies = 0
     for node in graph.node:

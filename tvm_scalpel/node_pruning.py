@@ -166,14 +166,6 @@ def _unique(base: str, used: set[str]) -> str:
     return name
 
 
-def _names(graph: onnx.GraphProto) -> set[str]:
-    used = {i.name for i in graph.initializer} | {i.name for i in graph.input}
-    used |= {o.name for o in graph.output} | {n.name for n in graph.node if n.name}
-    for node in graph.node:
-        used |= set(node.input) | set(node.output)
-    return used
-
-
 def _finish(model: onnx.ModelProto) -> onnx.ModelProto:
     if model.ir_version > MAX_IR_VERSION:
         model.ir_version = MAX_IR_VERSION
@@ -206,7 +198,9 @@ def insert_masks(model: onnx.ModelProto, masks: Mapping[str, np.ndarray],
 
     out = normalize(model)  # a copy; shared constants copied per reader, Identity bypassed
     graph = out.graph
-    used = _names(graph)
+    from .channel_groups import all_names
+
+    used = all_names(graph)
     for name, mask in masks.items():
         layer = layers[name]
         arr = np.asarray(mask, dtype=np.float32).reshape(-1)
@@ -406,7 +400,9 @@ class _Writer:
         if np.array_equal(new, shape):
             return
         if sum(node.input[1] in n.input for n in self.graph.node) > 1:  # shared: give it its own
-            name = _unique(f"{node.input[1]}.pruned", _names(self.graph))
+            from .channel_groups import all_names
+
+            name = _unique(f"{node.input[1]}.pruned", all_names(self.graph))
             self.graph.initializer.append(numpy_helper.from_array(new, name))
             node.input[1] = name
         else:
