@@ -25,7 +25,17 @@ from dataclasses import dataclass, field
 import numpy as np
 from tvm import ir, relax, tirx
 
-from .dense_layers import UseCounter, absorb_epilogue, const_array, op_name, readers_of, tensor_type, var_bindings
+from .graph import (
+    GraphIndex,
+    absorb_bias,
+    absorb_relu,
+    channel_bias,
+    const_array,
+    conv_layout_problem,
+    match_layer,
+    other_operand,
+    tensor_type,
+)
 
 log = logging.getLogger("tvm_scalpel.passes")
 
@@ -79,49 +89,25 @@ def _padding(values) -> tuple[int, int, int, int]:
     return pad  # type: ignore[return-value]
 
 
-def _channel_bias(expr: relax.Expr, values: dict, channels: int) -> np.ndarray | None:
-    """The O bias values of an operand added to ``[B, O, H, W]``: a constant shaped ``[1, O, 1,
-    1]`` or ``[O, 1, 1]``, possibly behind a ``reshape`` of a constant (the importer's form)."""
-    arr = const_array(expr)
-    if arr is None and isinstance(expr, relax.Var) and op_name(values.get(expr)) == "relax.reshape":
-        source = const_array(values[expr].args[0])
-        ty = tensor_type(expr)
-        if source is not None and ty is not None and ty.shape is not None:
-            arr = source.reshape([int(d) for d in ty.shape.values])
-    if arr is None or arr.dtype != np.float32 or arr.ndim not in (3, 4) or arr.size != channels:
-        return None
-    if arr.shape[-3] != channels:  # the channel axis must be the one of size O
-        return None
-    return np.ascontiguousarray(arr.reshape(channels))
-
-
 def find_conv_layers(func: relax.Function, warn: bool = True, kernels: bool = False) -> list[ConvLayer]:
     """The conv layers of ``func`` that we take, in binding order; others are left as they
     are (with a warning when ``warn``). ``kernels``: also grouped / depthwise convolutions, with
     a following batch norm folded in and a residual add absorbed (see the module docstring)."""
-    counter = UseCounter()
-    counter.visit_expr(func)
-    bindings = var_bindings(func)
-    values = {b.var: b.value for b in bindings}
-    readers = readers_of(bindings)
+    index = GraphIndex(func)
     layers: list[ConvLayer] = []
     claimed: set = set()  # residual adds already absorbed by a layer
-    for b in bindings:
-        if op_name(b.value) != "relax.nn.conv2d":
+    for b in index.bindings:
+        match = match_layer(index, b.var, kind="conv", epilogue=False)
+        if match is None:
             continue
-        data, weight = b.value.args[0], b.value.args[1]
-        kernel = const_array(weight)
-        if kernel is None:
-            continue
+        data, weight, kernel = match.data, match.weight, const_array(match.weight)
         attrs = b.value.attrs
         ty = tensor_type(data)
         reason = None
         if ty is None or ty.ndim != 4 or str(ty.dtype) != "float32" or kernel.dtype != np.float32:
             reason = "only float32 inputs of rank 4 are supported"
-        elif int(attrs.groups) != 1 and not kernels:
-            reason = f"grouped convolution (groups={int(attrs.groups)}) is not supported"
-        elif (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout)) != ("NCHW", "OIHW", "NCHW"):
-            reason = f"layout {attrs.data_layout}/{attrs.kernel_layout} is not supported"
+        elif (layout := conv_layout_problem(attrs, groups_ok=kernels)) is not None:
+            reason = layout
         elif attrs.out_dtype is not None and str(attrs.out_dtype) not in ("", "void", "float32"):
             reason = f"output type {attrs.out_dtype} is not supported"
         elif not all(isinstance(d, tirx.IntImm) for d in ty.shape.values[1:]):
@@ -134,40 +120,31 @@ def find_conv_layers(func: relax.Function, warn: bool = True, kernels: bool = Fa
         layer = ConvLayer(len(layers), data, kernel, weight, b.var, b.var, _ints(attrs.strides),
                           _padding(attrs.padding), _ints(attrs.dilation), groups=int(attrs.groups))
         channels = layer.shape[0]
-        bias_of = lambda expr, o=channels: _channel_bias(expr, values, o)  # noqa: E731
+        bias_of = lambda expr, o=channels: channel_bias(index, expr, o)  # noqa: E731
+        absorb_bias(index, layer, bias_of)
         if kernels:
-            _absorb_for_kernels(layer, bindings, values, readers, counter.uses, bias_of, claimed)
-        else:
-            absorb_epilogue(layer, values, readers, counter.uses, bias_of=bias_of)
+            _fold_batch_norm(layer, index)
+            _absorb_residual(layer, index, claimed)
+        absorb_relu(index, layer)
         layers.append(layer)
     return layers
 
 
-def _sole_reader(layer: ConvLayer, values: dict, readers: dict, uses: dict, op: str):
-    nxt = readers.get(layer.output)
-    if nxt is not None and uses.get(layer.output) == 1 and op_name(values[nxt]) == op:
-        return nxt
-    return None
-
-
-def _fold_batch_norm(layer: ConvLayer, bindings, values: dict, readers: dict, uses: dict) -> None:
+def _fold_batch_norm(layer: ConvLayer, index: GraphIndex) -> None:
     """``batch_norm(conv)[0]`` with constant statistics (inference) -> scaled kernel and bias."""
-    bn = _sole_reader(layer, values, readers, uses, "relax.nn.batch_norm")
+    bn = index.sole_reader(layer.output, "relax.nn.batch_norm")
     if bn is None:
         return
-    call = values[bn]
+    call = index.values[bn]
     if int(call.attrs.axis) != 1 or bool(call.attrs.training):
         return
     params = [const_array(a) for a in call.args[1:5]]
     o = layer.kernel.shape[0]
     if any(p is None or p.size != o for p in params):
         return
-    items = {}
-    for b in bindings:
-        if isinstance(b.value, relax.TupleGetItem) and b.value.tuple_value.same_as(bn):
-            items[int(b.value.index)] = b.var
+    items = index.tuple_items(bn)
     # only the normalized output may be read (the mean/var outputs are the importer's leftovers)
-    if 0 not in items or any(uses.get(v, 0) for i, v in items.items() if i != 0):
+    if 0 not in items or any(index.uses.get(v, 0) for i, v in items.items() if i != 0):
         return
     gamma, beta, mean, var = (p.astype(np.float64).reshape(o) for p in params)
     scale = gamma / np.sqrt(var + float(call.attrs.epsilon))
@@ -185,15 +162,14 @@ def _same_dim(a, b) -> bool:
     return a.same_as(b)
 
 
-def _absorb_residual(layer: ConvLayer, values: dict, readers: dict, uses: dict, claimed: set) -> None:
+def _absorb_residual(layer: ConvLayer, index: GraphIndex, claimed: set) -> None:
     """``add(conv, skip)`` where ``skip`` is a float32 tensor of exactly the output's shape.
     An add of two conv branches (ResNet's block with a downsample shortcut) is absorbed by the
     first of them only (``claimed``); the other ends before it and becomes its ``skip``."""
-    add = _sole_reader(layer, values, readers, uses, "relax.add")
+    add = index.sole_reader(layer.output, "relax.add")
     if add is None or add in claimed:
         return
-    lhs, rhs = values[add].args
-    other = rhs if lhs.same_as(layer.output) else lhs
+    other = other_operand(index.values[add], layer.output)
     ty, out_ty = tensor_type(other), tensor_type(layer.output)
     if (ty is None or out_ty is None or const_array(other) is not None or str(ty.dtype) != "float32"
             or ty.shape is None or out_ty.shape is None or ty.ndim != 4
@@ -203,21 +179,3 @@ def _absorb_residual(layer: ConvLayer, values: dict, readers: dict, uses: dict, 
     layer.fused.append(layer.output)
     layer.output = add
     claimed.add(add)
-
-
-def _absorb_for_kernels(layer: ConvLayer, bindings, values, readers, uses, bias_of, claimed: set) -> None:
-    """conv [+ bias] [-> batch norm] [+ bias] [+ residual] [-> relu], each part optional."""
-    add = _sole_reader(layer, values, readers, uses, "relax.add")
-    if add is not None:
-        lhs, rhs = values[add].args
-        bias = bias_of(rhs if lhs.same_as(layer.output) else lhs)
-        if bias is not None:
-            layer.bias = bias
-            layer.fused.append(layer.output)
-            layer.output = add
-    _fold_batch_norm(layer, bindings, values, readers, uses)
-    _absorb_residual(layer, values, readers, uses, claimed)
-    if _sole_reader(layer, values, readers, uses, "relax.nn.relu") is not None:
-        layer.relu = True
-        layer.fused.append(layer.output)
-        layer.output = readers[layer.output]

@@ -11,7 +11,7 @@ from tvm_scalpel import schedules
 from tvm_scalpel.schedules import LayerSpec
 from tvm_scalpel.targets import resolve_target
 
-from .dense_layers import UseCounter, emit_in_place_of, op_name
+from .graph import GraphIndex, GraphRewriter, RewritePlan, op_name
 
 log = logging.getLogger("tvm_scalpel.passes")
 
@@ -28,20 +28,6 @@ def _kernel_specs(mod: tvm.IRModule, call: relax.Expr) -> list[LayerSpec] | None
     if attrs is None or LAYERS_ATTR not in attrs:
         return None
     return [LayerSpec.from_attr(a) for a in attrs[LAYERS_ATTR]]
-
-
-@relax.expr_functor.mutator
-class _ChainRewriter(relax.expr_functor.PyExprMutator):
-    def __init__(self, mod: tvm.IRModule) -> None:
-        super().__init__(mod)
-        self.plan: dict = {}  # last var of a chain -> replacement call (built lazily)
-
-    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
-        make = self.plan.get(binding.var)
-        if make is None:
-            return super().visit_var_binding_(binding)
-        call = make(self.builder_, self.visit_expr)
-        self.set_var_remap(binding.var, emit_in_place_of(self.builder_, binding.var, call))
 
 
 @tvm.transform.module_pass(opt_level=0, name="FuseDenseChains")
@@ -62,22 +48,16 @@ class FuseDenseChains:
     def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
         if self.profile.kind != "llvm":  # chained kernels are CPU kernels
             return mod
-        rewriter = _ChainRewriter(mod)
-        changed = False
-        for gv, func in mod.functions_items():
-            if not isinstance(func, relax.Function) or not isinstance(func.body, relax.SeqExpr):
-                continue
-            counter = UseCounter()
-            counter.visit_expr(func)
-            rewriter.plan = {}
-            for block in func.body.blocks:
-                for chain in self._chains(mod, block, counter.uses):
-                    rewriter.plan[chain[-1][0].var] = self._replacement(chain)
-            if rewriter.plan:
-                changed = True
-                new_func = rewriter.visit_expr(func)
-                rewriter.builder_.update_func(gv, relax.analysis.remove_all_unused(new_func))
-        return rewriter.builder_.finalize() if changed else mod
+
+        def plan_of(func: relax.Function) -> RewritePlan:
+            plan = RewritePlan()  # the chained call in place of each chain's last binding
+            index = GraphIndex(func)
+            for block in index.blocks:
+                for chain in self._chains(mod, block, index.uses):
+                    plan.bindings[chain[-1][0].var] = self._replacement(chain)
+            return plan
+
+        return GraphRewriter(mod).rewrite(mod, plan_of)
 
     @staticmethod
     def _chains(mod, block, uses) -> list[list[tuple[relax.VarBinding, list[LayerSpec]]]]:

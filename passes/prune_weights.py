@@ -8,14 +8,14 @@ from typing import Mapping
 
 import numpy as np
 import tvm
-from tvm import ir, relax
-from tvm.relax.expr_functor import PyExprMutator, mutator
+from tvm import relax
 
 from tvm_scalpel.format import GroupedSparseMatrix
 from tvm_scalpel.pruning import prune_groups
 
 from .conv_layers import find_conv_layers
 from .dense_layers import find_dense_layers
+from .graph import GraphRewriter, RewritePlan
 
 log = logging.getLogger("tvm_scalpel.passes")
 
@@ -45,16 +45,6 @@ def _positions(layer) -> int | None:
     _, _, height, width = layer.data.ty.shape.values
     oh, ow = layer.output_size(int(height), int(width))
     return oh * ow
-
-
-@mutator
-class _ConstantReplacer(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, replace: dict) -> None:
-        super().__init__(mod)
-        self.replace = replace
-
-    def visit_generic_const_(self, const: ir.expr.GenericConst) -> relax.Expr:
-        return self.replace.get(const, const)
 
 
 @tvm.transform.module_pass(opt_level=0, name="PruneWeightGroups")
@@ -149,10 +139,6 @@ class PruneWeightGroups:
                             rate_asked=rate,
                         )
                     )
-        if not replace:
-            return mod
-        replacer = _ConstantReplacer(mod, replace)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                replacer.builder_.update_func(gv, replacer.visit_expr(func))
-        return replacer.builder_.finalize()
+        # only constants change: the graph keeps every binding it had
+        plan = RewritePlan(constants=replace, drop_dead=False)
+        return GraphRewriter(mod).rewrite(mod, lambda func: plan)

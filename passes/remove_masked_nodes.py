@@ -24,9 +24,19 @@ import numpy as np
 import tvm
 from tvm import ir, relax
 from tvm.ir.prim.expr import IntImm
-from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from .dense_layers import UseCounter, const_array, op_name, tensor_type, var_bindings
+from .graph import (
+    GraphIndex,
+    GraphRewriter,
+    Replacement,
+    RewritePlan,
+    const_array,
+    conv_layout_problem,
+    op_name,
+    swaps_two_axes,
+    tensor_type,
+    weight_source,
+)
 
 log = logging.getLogger("tvm_scalpel.passes")
 
@@ -91,26 +101,8 @@ def _int_tuple(values) -> list[int]:
     return [int(v) for v in values] if values is not None else []
 
 
-class _Graph:
-    """Bindings of one function, who reads what, and how often each constant occurs."""
-
-    def __init__(self, func: relax.Function) -> None:
-        counter = UseCounter()
-        counter.visit_expr(func)
-        self.uses = counter.uses
-        self.bindings = var_bindings(func)
-        self.values = {b.var: b.value for b in self.bindings}
-        self.readers: dict[relax.Var, list[relax.Var]] = {}
-        for b in self.bindings:
-            for var in relax.analysis.free_vars(b.value):
-                self.readers.setdefault(var, []).append(b.var)
-        self.const_uses: dict = {}
-
-        def count(expr):
-            if isinstance(expr, ir.expr.GenericConst):
-                self.const_uses[expr] = self.const_uses.get(expr, 0) + 1
-
-        relax.analysis.post_order_visit(func, count)
+class _Graph(GraphIndex):
+    """The function's index, with the checks that leave a mask alone (raise _Unsupported)."""
 
     def only_reader(self, var: relax.Var) -> relax.Var:
         readers = self.readers.get(var, [])
@@ -128,6 +120,20 @@ class _Graph:
         if self.const_uses.get(expr, 0) != 1:
             raise _Unsupported(f"{what} is a constant shared with other ops")
         return expr, arr
+
+    def dense_weight(self, rhs: relax.Expr, what: str) -> tuple[ir.expr.GenericConst, np.ndarray, bool]:
+        """``(constant, its array, transposed)`` of a matmul's weight, stored ``[K, N]`` or as
+        ``[N, K]`` behind ``permute_dims``, when no other op reads it."""
+        leaf, permute = weight_source(self, rhs)
+        if const_array(leaf) is None:
+            raise _Unsupported(f"{what} is not a constant")
+        if permute is not None:
+            if not swaps_two_axes(self.values[permute]):
+                raise _Unsupported(f"{what} is permuted other than [1, 0]")
+            if self.uses.get(permute, 0) != 1:
+                raise _Unsupported(f"{what} is shared with other ops")
+        const, arr = self.own_const(leaf, what)
+        return const, arr, permute is not None
 
     def tuple_item0(self, tuple_var: relax.Var) -> relax.Var:
         """The var bound to ``tuple_var[0]``, when the other items are read by nobody."""
@@ -317,9 +323,7 @@ class _Planner:
                 self._slice_bias(p, bias, kept, len(kept))
                 cur = chain
             elif op == "relax.nn.conv2d":
-                a = value.attrs
-                if (int(a.groups) != 1 or str(a.data_layout) != "NCHW" or str(a.kernel_layout) != "OIHW"
-                        or str(a.out_layout) != "NCHW"):
+                if conv_layout_problem(value.attrs) is not None:
                     raise _Unsupported("a grouped or non-NCHW/OIHW convolution")
                 const, arr = self.g.own_const(value.args[1], "the convolution's weight")
                 p.kind, p.weight = "conv", const
@@ -328,20 +332,8 @@ class _Planner:
             elif op == "relax.matmul":
                 if ndim != 2 or len(_static_shape(value.args[0]) or []) != 2:
                     raise _Unsupported("a matmul whose input is not of rank 2")
-                rhs = value.args[1]
-                if const_array(rhs) is not None:
-                    const, arr = self.g.own_const(rhs, "the matmul's weight")
-                    p.slices.append((const, 1, kept))
-                else:
-                    perm = self.g.values.get(rhs) if isinstance(rhs, relax.Var) else None
-                    if op_name(perm) != "relax.permute_dims" or const_array(perm.args[0]) is None:
-                        raise _Unsupported("a matmul whose weight is not a constant")
-                    if perm.attrs.axes is not None and _int_tuple(perm.attrs.axes) != [1, 0]:
-                        raise _Unsupported("a matmul weight permuted other than [1, 0]")
-                    if self.g.uses.get(rhs, 0) != 1:
-                        raise _Unsupported("a matmul weight shared with other ops")
-                    const, arr = self.g.own_const(perm.args[0], "the matmul's weight")
-                    p.slices.append((const, 0, kept))
+                const, _, transposed = self.g.dense_weight(value.args[1], "the matmul's weight")
+                p.slices.append((const, 0 if transposed else 1, kept))  # the N axis
                 p.kind, p.weight = "dense", const
                 break
             else:
@@ -425,20 +417,8 @@ class _Planner:
             raise _Unsupported("the next matmul's output is not of rank 2")
         idx = (p.kept[:, None] * per + np.arange(per)).reshape(-1)
         gone = (removed[:, None] * per + np.arange(per)).reshape(-1)
-        rhs = value.args[1]
-        if const_array(rhs) is not None:
-            const, arr = self.g.own_const(rhs, "the next matmul's weight")
-            axis, w_nk = 0, arr.T
-        else:
-            perm = self.g.values.get(rhs) if isinstance(rhs, relax.Var) else None
-            if op_name(perm) != "relax.permute_dims" or const_array(perm.args[0]) is None:
-                raise _Unsupported("the next matmul's weight is not a constant")
-            if perm.attrs.axes is not None and _int_tuple(perm.attrs.axes) != [1, 0]:
-                raise _Unsupported("the next matmul's weight is permuted other than [1, 0]")
-            if self.g.uses.get(rhs, 0) != 1:
-                raise _Unsupported("the next matmul's weight is shared with other ops")
-            const, arr = self.g.own_const(perm.args[0], "the next matmul's weight")
-            axis, w_nk = 1, arr
+        const, arr, transposed = self.g.dense_weight(value.args[1], "the next matmul's weight")
+        axis, w_nk = (1, arr) if transposed else (0, arr.T)  # the K axis
         if w_nk.shape[1] != channels * per:
             raise _Unsupported("the next matmul's weight does not match the flattened channels")
         p.slices.append((const, axis, idx))
@@ -449,8 +429,7 @@ class _Planner:
 
     def _consume_conv(self, p, var, value, vals, removed, channels) -> None:
         a = value.attrs
-        if (int(a.groups) != 1 or str(a.data_layout) != "NCHW" or str(a.kernel_layout) != "OIHW"
-                or str(a.out_layout) != "NCHW"):
+        if conv_layout_problem(a) is not None:
             raise _Unsupported("the next convolution is grouped or not NCHW/OIHW")
         const, arr = self.g.own_const(value.args[1], "the next convolution's weight")
         if arr.shape[1] != channels:
@@ -502,35 +481,11 @@ def _describe(var: relax.Var) -> str:
     return "x".join("?" if d is None else str(d) for d in shape) if shape else "?"
 
 
-@mutator
-class _NodeRemover(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule) -> None:
-        super().__init__(mod)
-        self.consts: dict = {}
-        self.drops: dict = {}  # multiply var -> its masked operand
-        self.reshapes: dict = {}  # reshape var -> (axis, new size)
-
-    def visit_generic_const_(self, const: ir.expr.GenericConst) -> relax.Expr:
-        return self.consts.get(const, const)
-
-    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
-        var = binding.var
-        if var in self.drops:
-            self.set_var_remap(var, self.visit_expr(self.drops[var]))
-            return
-        if var in self.reshapes:
-            axis, new = self.reshapes[var]
-            value = binding.value
-            shape = list(value.args[1].values)
-            shape[axis] = new
-            call = relax.op.reshape(self.visit_expr(value.args[0]), relax.ShapeExpr(shape))
-            if isinstance(var, relax.DataflowVar):
-                new_var = self.builder_.emit(call, name_hint=var.name)
-            else:
-                new_var = self.builder_.emit_output(call, name_hint=var.name)
-            self.set_var_remap(var, new_var)
-            return
-        super().visit_var_binding_(binding)
+def _reshape_to(value: relax.Call, axis: int, size: int) -> Replacement:
+    """A ``reshape`` like ``value`` whose target shape has ``size`` on ``axis``."""
+    shape = list(value.args[1].values)
+    shape[axis] = size
+    return lambda bb, visit: relax.op.reshape(visit(value.args[0]), relax.ShapeExpr(shape))
 
 
 @tvm.transform.module_pass(opt_level=0, name="RemoveMaskedNodes")
@@ -568,34 +523,31 @@ class RemoveMaskedNodes:
         self.report = report
 
     def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        remover = _NodeRemover(mod)
-        changed = False
-        for gv, func in mod.functions_items():
-            if not isinstance(func, relax.Function):
-                continue
-            plans = self._plan(func)
+        def plan_of(func: relax.Function) -> RewritePlan:
+            graph = _Graph(func)
+            plans = self._plan(graph)
             if not plans:
-                continue
+                return RewritePlan()
             final = self._final_constants(plans)
-            remover.consts = {c: relax.const(arr) for c, arr in final.items()}
-            remover.drops = {p.mult: p.source for p in plans if p.drop}
-            remover.reshapes = {var: (axis, new) for p in plans for var, axis, new in p.reshapes}
-            new_func = remover.visit_expr(func)
-            remover.builder_.update_func(gv, relax.analysis.remove_all_unused(new_func))
-            changed = True
-            if self.report is not None:
-                for i, p in enumerate(plans):
-                    touched = list(dict.fromkeys([c for c, _, _ in p.slices] + [c for c, _ in p.deltas]))
-                    self.report.append(MaskedLayer(
-                        index=i, name=str(p.source.name), kind=p.kind,
-                        nodes_before=len(p.mask), nodes_after=len(p.kept), kept=p.kept,
-                        mask=p.mask_const, weight=p.weight, mask_kept=not p.drop,
-                        flatten=list(p.flatten), constants=[(c, final[c]) for c in touched]))
-        return remover.builder_.finalize() if changed else mod
+            rewrite = RewritePlan(constants={c: relax.const(arr) for c, arr in final.items()})
+            for p in plans:
+                if p.drop:  # readers of the product read the masked operand
+                    rewrite.bindings[p.mult] = lambda bb, visit, source=p.source: visit(source)
+                for var, axis, new in p.reshapes:
+                    rewrite.bindings[var] = _reshape_to(graph.values[var], axis, new)
+            for i, p in enumerate(plans if self.report is not None else []):
+                touched = list(dict.fromkeys([c for c, _, _ in p.slices] + [c for c, _ in p.deltas]))
+                self.report.append(MaskedLayer(
+                    index=i, name=str(p.source.name), kind=p.kind,
+                    nodes_before=len(p.mask), nodes_after=len(p.kept), kept=p.kept,
+                    mask=p.mask_const, weight=p.weight, mask_kept=not p.drop,
+                    flatten=list(p.flatten), constants=[(c, final[c]) for c in touched]))
+            return rewrite
+
+        return GraphRewriter(mod).rewrite(mod, plan_of)
 
     @staticmethod
-    def _plan(func: relax.Function) -> list[_Plan]:
-        graph = _Graph(func)
+    def _plan(graph: _Graph) -> list[_Plan]:
         planner = _Planner(graph)
         plans: list[_Plan] = []
         sliced: set = set()  # (constant, axis) already sliced by an accepted plan

@@ -27,7 +27,7 @@ from tvm_scalpel import schedules
 from tvm_scalpel.targets import resolve_target
 
 from .conv_layers import ConvLayer, find_conv_layers
-from .dense_layers import emit_in_place_of
+from .graph import GraphRewriter, RewritePlan
 from .rewrite_dense_layers import KernelLowering, LayerDecision, Mode
 
 log = logging.getLogger("tvm_scalpel.passes")
@@ -110,36 +110,6 @@ def _lower_blocked(bb: relax.BlockBuilder, profile, layer: ConvLayer, data: rela
     return relax.call_tir(gv, args, out_ty=relax.TensorType((data.ty.shape.values[0], o, oh, ow), "float32"))
 
 
-@relax.expr_functor.mutator
-class ConvRewriter(relax.expr_functor.PyExprMutator):
-    """``LayerRewriter`` for conv layers: also remaps the residual input a layer absorbed."""
-
-    def __init__(self, mod: tvm.IRModule, lower) -> None:
-        super().__init__(mod)
-        self.lower = lower
-        self.plan: dict = {}
-
-    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
-        planned = self.plan.get(binding.var)
-        if planned is None:
-            return super().visit_var_binding_(binding)
-        layer, sparse = planned
-        residual = self.visit_expr(layer.residual) if layer.residual is not None else None
-        value = self.lower(self.builder_, layer, self.visit_expr(layer.data), sparse, residual)
-        self.set_var_remap(binding.var, emit_in_place_of(self.builder_, binding.var, value))
-
-    def rewrite(self, mod: tvm.IRModule, plan_of) -> tvm.IRModule:
-        """Rewrite every Relax function of ``mod`` by the plan ``plan_of(func)`` makes for it."""
-        for gv, func in mod.functions_items():
-            if not isinstance(func, relax.Function):
-                continue
-            self.plan = plan_of(func)
-            if self.plan:
-                new_func = self.visit_expr(func)
-                self.builder_.update_func(gv, relax.analysis.remove_all_unused(new_func))
-        return self.builder_.finalize()
-
-
 @tvm.transform.module_pass(opt_level=0, name="RewriteConvLayers")
 class RewriteConvLayers:
     """Rewrite each conv layer ``act(conv2d(x, W) + b)`` into im2col and a kernel call.
@@ -182,14 +152,16 @@ class RewriteConvLayers:
             return mod
         lowering = KernelLowering(self.profile, self.mode, self.knobs_for)
 
-        def plan_of(func: relax.Function) -> dict:
-            plan = {}
+        def plan_of(func: relax.Function) -> RewritePlan:
+            plan = RewritePlan()
             for layer in find_conv_layers(func, kernels=True):
                 if layer.groups == 1:
                     decision, sparse = lowering.decide(layer, kind="conv")
                 else:  # no sparse grouped kernel: the blocked one
                     decision, sparse = _grouped_decision(layer), None
-                plan[layer.output] = (layer, sparse)
+                plan.bindings[layer.output] = lambda bb, visit, layer=layer, sparse=sparse: lower(
+                    bb, layer, visit(layer.data), sparse,
+                    visit(layer.residual) if layer.residual is not None else None)
                 if self.report is not None:
                     self.report.append(decision)
                 log.info("conv layer %s %s -> %s (g=%d, density %.3f)", decision.name,
@@ -201,7 +173,7 @@ class RewriteConvLayers:
                 return _lower_patch(bb, lowering, layer, data, sparse, residual)
             return _lower_blocked(bb, self.profile, layer, data, residual, self.conv_knobs_for)
 
-        return ConvRewriter(mod, lower).rewrite(mod, plan_of)
+        return GraphRewriter(mod).rewrite(mod, plan_of)
 
 
 def _grouped_decision(layer: ConvLayer) -> LayerDecision:

@@ -22,7 +22,8 @@ from tvm_scalpel.format import GroupedSparseMatrix
 from tvm_scalpel.pruning import recover_group_width
 from tvm_scalpel.targets import TargetProfile, resolve_target
 
-from .dense_layers import DenseLayer, emit_in_place_of, find_dense_layers
+from .dense_layers import DenseLayer, find_dense_layers
+from .graph import GraphRewriter, RewritePlan
 
 log = logging.getLogger("tvm_scalpel.passes")
 
@@ -143,36 +144,6 @@ def tensor_batch(data: relax.Expr):
     return data.ty.shape.values[0]
 
 
-@relax.expr_functor.mutator
-class LayerRewriter(relax.expr_functor.PyExprMutator):
-    """Replaces the binding of each planned layer's output by what ``lower(builder, layer,
-    data, sparse)`` emits; the bindings the layer absorbed become unused."""
-
-    def __init__(self, mod: tvm.IRModule, lower) -> None:
-        super().__init__(mod)
-        self.lower = lower
-        self.plan: dict = {}  # output var -> (layer, sparse matrix or None)
-
-    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
-        planned = self.plan.get(binding.var)
-        if planned is None:
-            return super().visit_var_binding_(binding)
-        layer, sparse = planned
-        value = self.lower(self.builder_, layer, self.visit_expr(layer.data), sparse)
-        self.set_var_remap(binding.var, emit_in_place_of(self.builder_, binding.var, value))
-
-    def rewrite(self, mod: tvm.IRModule, plan_of) -> tvm.IRModule:
-        """Rewrite every Relax function of ``mod`` by the plan ``plan_of(func)`` makes for it."""
-        for gv, func in mod.functions_items():
-            if not isinstance(func, relax.Function):
-                continue
-            self.plan = plan_of(func)
-            if self.plan:
-                new_func = self.visit_expr(func)
-                self.builder_.update_func(gv, relax.analysis.remove_all_unused(new_func))
-        return self.builder_.finalize()
-
-
 @tvm.transform.module_pass(opt_level=0, name="RewriteDenseLayers")
 class RewriteDenseLayers:
     """Rewrite each dense layer ``act(x @ W + b)`` into a call of a scheduled TensorIR kernel.
@@ -215,18 +186,20 @@ class RewriteDenseLayers:
             return mod
         lowering = KernelLowering(self.profile, self.mode, self.knobs_for, self.dense_kernel_for)
 
-        def plan_of(func: relax.Function) -> dict:
-            plan = {}
+        def plan_of(func: relax.Function) -> RewritePlan:
+            plan = RewritePlan()
             for layer in find_dense_layers(func):
                 decision, sparse = lowering.decide(layer)
                 if sparse is None and not schedules.supports_dense(self.profile):
                     decision.kernel = f"dense (TVM's {self.profile.kind} pipeline)"
-                else:
-                    plan[layer.output] = (layer, sparse)
+                else:  # the kernel call in place of the layer's output
+                    plan.bindings[layer.output] = (
+                        lambda bb, visit, layer=layer, sparse=sparse:
+                        lowering.call(bb, layer, visit(layer.data), sparse))
                 if self.report is not None:
                     self.report.append(decision)
                 log.info("layer %s %s -> %s (g=%d, density %.3f)", decision.name,
                          decision.shape, decision.kernel, decision.group_width, decision.density)
             return plan
 
-        return LayerRewriter(mod, lowering.call).rewrite(mod, plan_of)
+        return GraphRewriter(mod).rewrite(mod, plan_of)
