@@ -159,7 +159,7 @@ def build_variants(model: onnx.ModelProto, profile) -> list[Variant]:
 def layer_times(model: onnx.ModelProto, batch: int, profile, min_repeat_ms: float) -> list[tuple[str, str, float]]:
     """``(kernel, output shape, us)`` of each kernel call of our compiled model, in order."""
     from tvm_scalpel.passes import FuseDenseChains, RewriteConvLayers, RewriteDenseLayers
-    from tvm_scalpel.passes.dense_layers import const_array
+    from tvm_scalpel.passes.graph import const_array
     from tvm.relax.backend import cpu_generic
 
     mod = to_relax(with_batch(model, batch))

@@ -329,6 +329,15 @@ class GraphRewriter(PyExprMutator):
         else:
             self.set_var_remap(var, emit_in_place_of(self.builder_, var, value))
 
+    def rewrite_function(self, func: relax.Function, plan: RewritePlan) -> relax.Function:
+        """``func`` rewritten by ``plan`` (the functions it adds go to the builder's module)."""
+        self.plan = plan
+        try:
+            new_func = self.visit_expr(func)
+        finally:
+            self.plan = RewritePlan()
+        return relax.analysis.remove_all_unused(new_func) if plan.drop_dead else new_func
+
     def rewrite(self, mod, plan_of: Callable[[relax.Function], RewritePlan]):
         """``mod`` with every Relax function rewritten by the plan ``plan_of(func)`` makes for
         it (plans are made one function after another); ``mod`` itself when no plan edits."""
@@ -336,13 +345,8 @@ class GraphRewriter(PyExprMutator):
         for gv, func in mod.functions_items():
             if not isinstance(func, relax.Function):
                 continue
-            self.plan = plan_of(func)
-            if not self.plan:
-                continue
-            new_func = self.visit_expr(func)
-            if self.plan.drop_dead:
-                new_func = relax.analysis.remove_all_unused(new_func)
-            self.builder_.update_func(gv, new_func)
-            changed = True
-        self.plan = RewritePlan()
+            plan = plan_of(func)
+            if plan:
+                self.builder_.update_func(gv, self.rewrite_function(func, plan))
+                changed = True
         return self.builder_.finalize() if changed else mod

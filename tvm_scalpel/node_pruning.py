@@ -300,17 +300,9 @@ def _key(arr: np.ndarray):
 def _pair_constants(model: onnx.ModelProto, func) -> dict:
     """Relax constant -> ``(tensor name, transposed)``. The importer keeps no names, so
     constants are matched by content; equal contents pair in the order they are first read."""
-    from tvm import ir, relax
+    from .passes.graph import GraphIndex
 
-    relax_consts: list = []
-    seen: set = set()
-
-    def visit(expr):
-        if isinstance(expr, ir.expr.GenericConst) and expr not in seen:
-            seen.add(expr)
-            relax_consts.append(expr)
-
-    relax.analysis.post_order_visit(func, visit)
+    relax_consts = GraphIndex(func).constants
     slots: dict = {}
     for name, arr in _const_tensors(model.graph):
         slots.setdefault(_key(arr), deque()).append(name)

@@ -30,13 +30,18 @@ from tvm import relax
 
 from .data import Dataset
 from .errors import ScalpelError
-from .passes.dense_layers import op_name, readers_of, var_bindings
+from .passes.graph import (
+    GraphIndex,
+    GraphRewriter,
+    RewritePlan,
+    absorb_bias,
+    emit_in_place_of,
+    match_layer,
+    op_name,
+)
 from .targets import resolve_target
 
 log = logging.getLogger("tvm_scalpel.training")
-
-LAYER_OPS = ("relax.matmul", "relax.nn.conv2d")
-
 
 @dataclass
 class MaskLayer:
@@ -142,37 +147,29 @@ class Trainer:
 
     def _build(self, mod: tvm.IRModule, main: relax.Function, n_in: int, node_masks: bool,
                trainable: bool) -> None:
-        bindings = var_bindings(main)
-        values = {b.var: b.value for b in bindings}
+        index = GraphIndex(main)
         params = set(main.params[n_in:])
-        readers = readers_of(bindings)
-
-        def weight_param(e):
-            while isinstance(e, relax.Var) and op_name(values.get(e)) == "relax.permute_dims":
-                e = values[e].args[0]
-            return e if e in params else None
 
         # batch-norm statistics are constants of the inference form: never updated by SGD
-        self.frozen = {a.name for b in bindings if op_name(b.value) == "relax.nn.batch_norm"
+        self.frozen = {a.name for b in index.bindings if op_name(b.value) == "relax.nn.batch_norm"
                        for a in b.value.args[3:5] if a in params}
-        layers = [b for b in bindings
-                  if op_name(b.value) in LAYER_OPS and weight_param(b.value.args[1]) is not None]
-        plan = {}
+        # the layers: a matmul / conv2d whose weight is a parameter (behind permute_dims or not)
+        layers = [m for b in index.bindings
+                  if (m := match_layer(index, b.var, is_weight=lambda leaf, kind: leaf in params,
+                                       epilogue=False)) is not None]
+        plan = RewritePlan(drop_dead=False)
         alphas = []
         if node_masks:
-            for b in layers[:-1]:  # the last layer's outputs are the class scores
-                conv = op_name(b.value) == "relax.nn.conv2d"
-                weight = weight_param(b.value.args[1])
-                end = readers.get(b.var)
-                if end is None or op_name(values[end]) != "relax.add":
-                    end = b.var
-                size = _dim(b.var.ty.shape.values[1 if conv else -1])
+            for layer in layers[:-1]:  # the last layer's outputs are the class scores
+                conv = layer.kind == "conv"
+                absorb_bias(index, layer, lambda operand: operand)  # the mask comes after the bias
+                size = _dim(layer.op.ty.shape.values[1 if conv else -1])
                 shape = (size, 1, 1) if conv else (size,)
                 alpha = relax.Var(f"mask_{len(alphas)}", relax.TensorType(shape, "float32"))
-                plan[end] = alpha
+                plan.bindings[layer.output] = _masked(index, layer.output, alpha)
                 alphas.append(alpha)
-                self.masks.append(MaskLayer(weight.name, size, conv, np.ones(size, np.float32)))
-        masked = _MaskInserter(mod, plan).visit_expr(main)
+                self.masks.append(MaskLayer(layer.weight.name, size, conv, np.ones(size, np.float32)))
+        masked = GraphRewriter(mod).rewrite_function(main, plan)
         # its own copy of the vars: a Relax var may be defined by one function only
         forward = relax.utils.copy_with_new_vars(
             relax.Function(list(main.params) + alphas, masked.body))
@@ -180,7 +177,7 @@ class Trainer:
         batch = main.params[0].ty.shape.values[0]
         labels = relax.Var("labels", relax.TensorType((batch,), "int64"))
         logits = masked.body.body
-        final = {b.var: b.value for b in var_bindings(masked)}.get(logits)
+        final = GraphIndex(masked).values.get(logits)
         if op_name(final) == "relax.nn.softmax":  # a model that ends in Softmax: train its logits
             logits = final.args[0]
         bb = relax.BlockBuilder()
@@ -339,18 +336,12 @@ def _dim(value) -> int:
     return int(value.value) if hasattr(value, "value") else -1
 
 
-@relax.expr_functor.mutator
-class _MaskInserter(relax.expr_functor.PyExprMutator):
-    """Multiplies the value of each planned binding by its mask input."""
+def _masked(index: GraphIndex, var: relax.Var, alpha: relax.Var):
+    """The binding of ``var`` as it was, then ``var_masked = var * alpha``, which its readers
+    read instead."""
 
-    def __init__(self, mod: tvm.IRModule, plan: dict) -> None:
-        super().__init__(mod)
-        self.plan = plan
+    def make(bb: relax.BlockBuilder, visit) -> relax.Var:
+        kept = emit_in_place_of(bb, var, visit(index.values[var]))
+        return bb.emit(relax.op.multiply(kept, alpha), name_hint=f"{var.name}_masked")
 
-    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
-        super().visit_var_binding_(binding)
-        alpha = self.plan.get(binding.var)
-        if alpha is not None:
-            masked = self.builder_.emit(relax.op.multiply(self.visit_expr(binding.var), alpha),
-                                        name_hint=f"{binding.var.name}_masked")
-            self.set_var_remap(binding.var, masked)
+    return make
