@@ -158,15 +158,17 @@ def build_variants(model: onnx.ModelProto, profile) -> list[Variant]:
 
 def layer_times(model: onnx.ModelProto, batch: int, profile, min_repeat_ms: float) -> list[tuple[str, str, float]]:
     """``(kernel, output shape, us)`` of each kernel call of our compiled model, in order."""
-    from tvm_scalpel.passes import FuseDenseChains, RewriteConvLayers, RewriteDenseLayers
+    from tvm_scalpel.passes import scalpel_pipeline
     from tvm_scalpel.passes.graph import const_array
     from tvm.relax.backend import cpu_generic
 
     mod = to_relax(with_batch(model, batch))
-    passes = [RewriteConvLayers(profile), RewriteDenseLayers(profile), FuseDenseChains(profile)]
+    # our passes, then legalized only (not fused or lowered further), so that each kernel call
+    # can be compiled and timed on its own
+    lowering = tvm.transform.Sequential(cpu_generic.library_dispatch_passes(profile.target)
+                                        + cpu_generic.legalize_passes(profile.target))
     with profile.target:
-        mod = tvm.transform.Sequential(passes + cpu_generic.library_dispatch_passes(profile.target)
-                                       + cpu_generic.legalize_passes(profile.target))(mod)
+        mod = scalpel_pipeline(profile, default_pipeline=lowering)(mod)
     rng = np.random.default_rng(0)
     rows = []
     compiled: dict[str, tvm.runtime.Module] = {}

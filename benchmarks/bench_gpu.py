@@ -230,15 +230,11 @@ def compile_lifted(model, profile, mode: str, batch: int):
     from tvm import relax
 
     from tvm_scalpel.onnx_io import to_relax, with_batch
-    from tvm_scalpel.passes import FuseDenseChains, RewriteConvLayers, RewriteDenseLayers
+    from tvm_scalpel.passes import scalpel_pipeline
 
     report, lifted = [], []
-    seq = tvm.transform.Sequential([
-        RewriteConvLayers(profile, mode=mode, report=report),
-        RewriteDenseLayers(profile, mode=mode, report=report),
-        FuseDenseChains(profile),
-        lift_constants(lifted),
-        relax.get_default_pipeline(profile.target)])
+    seq = scalpel_pipeline(profile, mode=mode, report=report, default_pipeline=tvm.transform.Sequential(
+        [lift_constants(lifted), relax.get_default_pipeline(profile.target)]))
     exe = tvm.compile(to_relax(with_batch(model, batch)), target=profile.target, relax_pipeline=seq)
     return exe, lifted, report
 
