@@ -8,6 +8,11 @@
   removed from producer and consumer weights; the model stays dense, just smaller.
 * ``scalpel_pipeline``: pruning + rewrite + fusion, then TVM's default pipeline, for
   ``tvm.compile``.
+
+Every pass is written with ``graph``: one index of a function's bindings, readers and
+constants (``GraphIndex``), one layer matcher (``match_layer``: dense or conv, weight constant
+or ``permute_dims`` of one, bias, ReLU; ``find_dense_layers`` / ``find_conv_layers`` build on
+it), one rewriter (``GraphRewriter`` applying a ``RewritePlan``).
 """
 
 from .conv_layers import ConvLayer, find_conv_layers
