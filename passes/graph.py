@@ -305,8 +305,9 @@ class GraphRewriter(PyExprMutator):
 
     In place of each planned binding, what its replacement makes is emitted under the same
     name (a dataflow var stays one, a block output stays an output); planned constants are
-    swapped wherever they occur; then, unless the plan says otherwise, the bindings that no
-    longer have readers (the ones a replaced layer absorbed) are removed."""
+    swapped wherever they occur; then, unless the plan says otherwise, the bindings nobody
+    reads are removed (among them those a replaced layer absorbed). Passes use it as it is,
+    with one plan per function, or subclass it for other visits."""
 
     def __init__(self, mod) -> None:
         super().__init__(mod)
