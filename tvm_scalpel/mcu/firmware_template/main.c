@@ -64,6 +64,8 @@ int main(void) {
     FILE *out = fopen("output.bin", "wb");
     FILE *counts = fopen("counts.bin", "wb");
     if (!in || !out || !counts) return RUNNER_EXIT_NO_FILE;
+    /* unbuffered: after a fault (_exit, no flush) the runner still sees which call it was */
+    setvbuf(counts, NULL, _IONBF, 0);
     start_timers();
 
     uint32_t record[3];
