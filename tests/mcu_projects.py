@@ -139,3 +139,61 @@ def c_project(folder: Path, body: str, in_size: int = 4, out_size: int = 2, **kw
     model = ('#include "model.h"\n'
              f"int scalpel_model_run(const float *in, float *out) {{\n{body}\n}}\n")
     return write_project(folder, {"model.c": model}, in_size, out_size, **kw)
+
+
+def _gemm_weight(model) -> np.ndarray:
+    """The ``[N, K]`` weight of a one-layer Gemm (transB=1) model."""
+    from onnx import numpy_helper
+
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    (node,) = model.graph.node
+    return inits[node.input[1]].astype(np.float32)
+
+
+def sparse_project(folder: Path, weight: np.ndarray, g: int) -> Path:
+    """y = W x in the grouped-sparse format (values, group columns, row pointers) with the
+    inner loop unrolled over g, as the generator's kernel does: one column index per group."""
+    from tvm_scalpel.format import GroupedSparseMatrix, num_group_cols
+
+    n, k = weight.shape
+    m = GroupedSparseMatrix.from_dense(weight, g)
+    padded = num_group_cols(k, g) * g
+    terms = " + ".join(f"v[{i}] * xx[{i}]" for i in range(g))
+    values = m.values.reshape(-1) if m.n_groups else np.zeros(1, np.float32)
+    cols = m.group_cols if m.n_groups else np.zeros(1, np.int32)
+    model = f"""#include <stdint.h>
+#include "model.h"
+static const float VALUES[] = {{ {_floats(values)} }};
+static const int32_t COLS[] = {{ {", ".join(str(int(c) * g) for c in cols)} }};
+static const int32_t INDPTR[] = {{ {", ".join(map(str, m.indptr))} }};
+static float xpad[{padded}];
+
+int scalpel_model_run(const float *in, float *out) {{
+    for (int i = 0; i < {padded}; i++) xpad[i] = i < {k} ? in[i] : 0.0f;
+    for (int r = 0; r < {n}; r++) {{
+        float acc = 0.0f;
+        for (int j = INDPTR[r]; j < INDPTR[r + 1]; j++) {{
+            const float *v = VALUES + j * {g};
+            const float *xx = xpad + COLS[j];
+            acc += {terms};
+        }}
+        out[r] = acc;
+    }}
+    return 0;
+}}
+"""
+    layers = [{"name": "fc", "kind": "grouped-sparse", "group_width": g,
+               "flash_bytes": int(m.nbytes), "ram_bytes": 4 * padded}]
+    return write_project(folder, {"model.c": model}, k, n, layers=layers)
+
+
+def fake_generator(model, folder: Path, mode: str) -> None:
+    """A stand-in for ``compile --target cortex-m4`` on one-layer Gemm models (bias zero):
+    dense, or grouped-sparse with g recovered from the zero pattern, as the generator does."""
+    from tvm_scalpel.pruning import recover_group_width
+
+    w = _gemm_weight(model)
+    if mode == "dense":
+        dense_project(Path(folder), [w], [np.zeros(w.shape[0], np.float32)])
+    else:
+        sparse_project(Path(folder), w, recover_group_width(w) or 1)

@@ -113,7 +113,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     results = flows.tune(args.model, args.db, target=profile, rate=args.rate,
                          batch=args.batch, trials=args.trials, dense_trials=args.dense_trials,
                          rpc=args.rpc, progress=not args.quiet, name=args.model)
-    print(format_table(flows.TUNE_HEADERS, [r.row() for r in results]))
+    print(format_table(flows.tune_headers(results), [r.row() for r in results]))
     print(f"{sum(r.new_trials for r in results)} new measurements; database {args.db} (target "
           f"{profile.name}, rate {args.rate}, batch {args.batch})")
     return 0
