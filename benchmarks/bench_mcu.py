@@ -1,7 +1,7 @@
 """The microcontroller: LeNet-300-100 and LeNet-5 on a Cortex-M4F, counted under qemu.
 
 For each network: trained in TVM on the embedded MNIST sample, then three variants, each
-compiled to a C project by ``tvm_scalpel.compile(model, folder, target="cortex-m4")`` and run
+compiled to a C project by the generator (``compile --target cortex-m4``) and run
 by the firmware runner (tvm_scalpel/mcu/firmware.py) on every test image:
 
 * dense: the trained model;
@@ -27,7 +27,6 @@ it with --quick).
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import logging
 import sys
@@ -111,12 +110,23 @@ def weights_kept(model: onnx.ModelProto) -> float:
 
 
 def compile_project(model: onnx.ModelProto, folder: Path, numerics: str | None) -> None:
-    """The generator's library call (the contract: tvm-scalpel compile --target cortex-m4)."""
-    kwargs = {} if numerics is None else {"numerics": numerics}
-    tvm_scalpel.compile(model, folder, target="cortex-m4", **kwargs)
-    if not (folder / "model.json").is_file():
-        raise SystemExit(f"compile --target cortex-m4 wrote no {folder / 'model.json'}: the C "
-                         "project generator is missing from this checkout")
+    """The generator's library call: what ``tvm-scalpel compile --target cortex-m4 -o folder``
+    writes (tvm_scalpel/mcu/project.py)."""
+    try:
+        from tvm_scalpel.mcu.project import generate
+    except ImportError:
+        raise SystemExit("bench_mcu: the Cortex-M4 project generator (tvm_scalpel/mcu/project.py) "
+                         "is missing from this checkout") from None
+    generate(model, numerics=numerics or "fp32").write(folder)
+
+
+def generator_numerics() -> list[str | None]:
+    """fp32, and q15 where the generator has it."""
+    try:
+        from tvm_scalpel.mcu.project import NUMERICS
+    except ImportError:
+        return [None]
+    return [None] + (["q15"] if "q15" in NUMERICS else [])
 
 
 def measure(network: Network, variant: str, model: onnx.ModelProto, data, numerics: str | None,
@@ -149,20 +159,38 @@ def measure(network: Network, variant: str, model: onnx.ModelProto, data, numeri
     return row
 
 
-def variants(network: Network, data, epochs: int, fine_tune: int, db: str | None):
-    training = flows.Training(progress=False)
+def trained_model(network: Network, data, epochs: int, cache: Path | None) -> onnx.ModelProto:
+    """The network trained in TVM; with ``cache``, read from / written to cache/<name>.onnx."""
+    from tvm_scalpel.onnx_io import load_onnx, save_onnx
+
+    path = None if cache is None else cache / f"{network.builtin}-{epochs}ep.onnx"
+    if path is not None and path.is_file():
+        log.info("%s: trained model from %s", network.label, path)
+        return load_onnx(path)
     t0 = time.time()
-    trained = flows.train(network.builtin, data, epochs=epochs, training=training).model
+    model = flows.train(network.builtin, data, epochs=epochs,
+                        training=flows.Training(progress=False)).model
     log.info("%s trained (%d epochs) in %.0f s", network.label, epochs, time.time() - t0)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_onnx(model, path)
+    return model
+
+
+def variants(network: Network, trained: onnx.ModelProto, data, fine_tune: int, db: Path | None):
+    training = flows.Training(progress=False)
     common = dict(target="cortex-m4", last_layer_rate=network.last_layer_rate,
                   conv_rate=network.conv_rate, fine_tune=fine_tune, data=data, training=training)
     yield "dense", trained
     yield "traditional (g=1)", flows.prune(trained, network.rate, group_width=1, **common).model
-    scalpel = dict(policy="rules", **common)
-    if db is not None:
-        scalpel.update(group_width="auto", db=db)
-    label = "Scalpel (rules" + (", g tuned)" if db is not None else ")")
-    yield label, flows.prune(trained, network.rate, **scalpel).model
+    yield "Scalpel (rules)", flows.prune(trained, network.rate, policy="rules", **common).model
+    if db is not None:  # each layer's g by instruction count under qemu (tune --target cortex-m4)
+        t0 = time.time()
+        tuned = flows.tune(trained, db, target="cortex-m4", rate=network.rate, progress=False)
+        log.info("%s tuned in %.0f s: g %s", network.label, time.time() - t0,
+                 [r.best.group_width for r in tuned])
+        yield "Scalpel (rules, g tuned)", flows.prune(trained, network.rate, policy="rules",
+                                                      group_width="auto", db=db, **common).model
 
 
 def table(rows: list[Row]) -> str:
@@ -220,8 +248,11 @@ def main() -> int:
                         "checks the script, not the claims")
     parser.add_argument("--networks", nargs="*", default=[n.label for n in NETWORKS],
                         choices=[n.label for n in NETWORKS])
-    parser.add_argument("--db", default=None, help="tuning database from `tvm-scalpel tune "
-                        "--target cortex-m4`: Scalpel takes each layer's g from it")
+    parser.add_argument("--tune", action="store_true", help="also Scalpel with each layer's g "
+                        "tuned by instruction count (tune --target cortex-m4; database in the "
+                        "results folder)")
+    parser.add_argument("--trained", type=Path, default=None, metavar="DIR",
+                        help="keep the trained models in DIR and reuse them on the next run")
     parser.add_argument("--out", type=Path, default=None, help="results folder")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
@@ -231,13 +262,12 @@ def main() -> int:
         print(f"bench_mcu: {reason}", file=sys.stderr)
         return 2
     out = args.out or (RESULTS_DIR / "quick" if args.quick else RESULTS_DIR)
+    out.mkdir(parents=True, exist_ok=True)
     data = mnist_sample()
     if args.quick:
         data = type(data)(data.x_train, data.y_train, data.x_test[:100], data.y_test[:100], data.name)
     fine_tune = 1 if args.quick else 2
-    numerics = [None]
-    if "numerics" in inspect.signature(tvm_scalpel.compile).parameters:
-        numerics.append("q15")  # the generator's fixed-point variant, where it has one
+    numerics = generator_numerics()
     start = time.time()
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="bench-mcu-") as tmp:
@@ -245,7 +275,9 @@ def main() -> int:
             if network.label not in args.networks:
                 continue
             epochs = network.quick_epochs if args.quick else network.epochs
-            for variant, model in variants(network, data, epochs, fine_tune, args.db):
+            trained = trained_model(network, data, epochs, args.trained)
+            db = out / "mcu_tuning.jsonl" if args.tune else None
+            for variant, model in variants(network, trained, data, fine_tune, db):
                 for kind in numerics:
                     rows.append(measure(network, variant, model, data, kind, Path(tmp)))
     for r in rows:

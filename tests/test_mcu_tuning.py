@@ -92,3 +92,14 @@ def test_tune_cortex_m4_refuses_rpc_and_batch(tmp_path):
     res = run_cli("tune", "lenet-300-100", "--target", "cortex-m4", "--db", tmp_path / "db.jsonl",
                   "--batch", "2")
     assert res.returncode == 2 and "measured here under qemu" in res.stderr
+
+
+def test_tune_with_the_real_generator(tmp_path):
+    """The same on the generator's own kernels, where this checkout has the generator."""
+    pytest.importorskip("tvm_scalpel.mcu.project", reason="the Cortex-M4 project generator "
+                        "(tvm_scalpel/mcu/project.py) is not in this checkout")
+    model = models.mlp([64, 16], seed=7, layout="gemm")
+    (result,) = flows.tune(model, tmp_path / "db.jsonl", target="cortex-m4", rate=0.9,
+                           progress=False)
+    assert result.unit == "instructions" and result.best is not None
+    assert result.sparse_seconds < result.dense_seconds["ours"]

@@ -294,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_args(p, data_help="data for fine-tuning and accuracy (default: mnist-sample when needed)")
     p.set_defaults(func=cmd_prune)
 
-    u = sub.add_parser("tune", help="measure the fastest group width and kernel knobs per layer")
+    u = sub.add_parser("tune", help="measure the fastest group width and kernel knobs per layer "
+                       "(cortex-m4: by instruction count under qemu)")
     u.add_argument("model", help="ONNX model (or lenet-300-100 / lenet5, built in)")
     u.add_argument("--target", default="x86", help=target_help)
     u.add_argument("--db", required=True, help="tuning database (JSON lines; created or extended)")
