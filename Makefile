@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup setup-arm demo test bench bench-accuracy gpu-bundle gpu-report clean
+.PHONY: setup setup-arm setup-mcu demo test bench bench-accuracy gpu-bundle gpu-report clean
 
 setup: $(STAMP)
 
@@ -19,6 +19,11 @@ $(STAMP): pyproject.toml
 # Python sysroot and aarch64 TVM wheels) for running aarch64 models through TVM RPC; idempotent
 setup-arm: $(STAMP)
 	PYTHON_VENV=$(PY) bash scripts/setup_arm.sh
+
+# Cortex-M4 under emulation: arm-none-eabi-gcc, newlib and qemu-system-arm (apt-get, only what is
+# missing), for `tvm-scalpel run OUT_DIR` on a project from `compile --target cortex-m4`; idempotent
+setup-mcu:
+	bash scripts/setup_mcu.sh
 
 demo: $(STAMP)
 	$(PY) -m tvm_scalpel.demo

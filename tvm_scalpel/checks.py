@@ -126,3 +126,15 @@ def parse_positive(text: str) -> int:
 @_argparse
 def parse_non_negative(text: str) -> int:
     return check_count(_integer(text), None, 0)
+
+
+@_argparse
+def parse_seconds(text: str) -> float:
+    """A positive, finite number of seconds (a timeout)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ScalpelError(f"not a number: {text!r}") from None
+    if not 0.0 < value < float("inf"):
+        raise ScalpelError(f"must be a positive number of seconds, got {text}")
+    return value

@@ -24,6 +24,7 @@ from .checks import (
     parse_non_negative,
     parse_positive,
     parse_rate,
+    parse_seconds,
 )
 from .errors import ScalpelError
 
@@ -112,7 +113,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     results = flows.tune(args.model, args.db, target=profile, rate=args.rate,
                          batch=args.batch, trials=args.trials, dense_trials=args.dense_trials,
                          rpc=args.rpc, progress=not args.quiet, name=args.model)
-    print(format_table(flows.TUNE_HEADERS, [r.row() for r in results]))
+    print(format_table(flows.tune_headers(results), [r.row() for r in results]))
     print(f"{sum(r.new_trials for r in results)} new measurements; database {args.db} (target "
           f"{profile.name}, rate {args.rate}, batch {args.batch})")
     return 0
@@ -152,7 +153,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .onnx_io import atomic_output
     from .threads import configure_threads
 
-    configure_threads()
     path = Path(args.input)
     if not path.is_file():
         raise ScalpelError(f"{path}: no such file")
@@ -162,6 +162,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ScalpelError(f"{path}: not a .npy array") from None
     if not isinstance(x, np.ndarray):
         raise ScalpelError(f"{path}: not a .npy array (a .npz archive?)")
+    if Path(args.model).is_dir():  # a Cortex-M4 project folder: under qemu, counted
+        return _run_mcu(args, path, x)
+    configure_threads()
     npz = Path(args.output).suffix == ".npz"
     try:
         if args.rpc is not None:
@@ -191,6 +194,33 @@ def cmd_run(args: argparse.Namespace) -> int:
     if len(outputs) == 1 and not npz:
         shapes = "shape " + shapes.split(" ", 1)[1]
     print(f"wrote {args.output}: {shapes}")
+    return 0
+
+
+def _run_mcu(args: argparse.Namespace, path: Path, x) -> int:
+    import numpy as np
+
+    from .mcu.firmware import run_project
+    from .onnx_io import atomic_output
+
+    try:
+        result = run_project(args.model, x, timeout=args.timeout)
+    except ScalpelError as err:
+        raise ScalpelError(f"{path}: {err}" if str(err).startswith("input ") else str(err)) from None
+    with atomic_output(args.output) as tmp:
+        with open(tmp, "wb") as f:
+            if Path(args.output).suffix == ".npz":
+                from .mcu.manifest import load_project
+
+                np.savez(f, **{load_project(args.model).output.name: result.outputs})
+            else:
+                np.save(f, result.outputs)
+    print(f"wrote {args.output}: shape {tuple(result.outputs.shape)} {result.outputs.dtype}")
+    low, high = int(result.instructions.min()), int(result.instructions.max())
+    print(f"instructions: {result.per_call}")
+    if low != high:
+        print(f"instructions per call ranged from {low} to {high} over {result.calls} calls "
+              "(the line above is their mean)")
     return 0
 
 
@@ -264,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_args(p, data_help="data for fine-tuning and accuracy (default: mnist-sample when needed)")
     p.set_defaults(func=cmd_prune)
 
-    u = sub.add_parser("tune", help="measure the fastest group width and kernel knobs per layer")
+    u = sub.add_parser("tune", help="measure the fastest group width and kernel knobs per layer "
+                       "(cortex-m4: by instruction count under qemu)")
     u.add_argument("model", help="ONNX model (or lenet-300-100 / lenet5, built in)")
     u.add_argument("--target", default="x86", help=target_help)
     u.add_argument("--db", required=True, help="tuning database (JSON lines; created or extended)")
@@ -301,13 +332,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_compile)
 
     r = sub.add_parser("run", help="run a compiled library on a .npy input")
-    r.add_argument("model", help="library written by 'tvm-scalpel compile'")
+    r.add_argument("model", help="library written by 'tvm-scalpel compile', or a Cortex-M4 "
+                   "project folder (compile --target cortex-m4): built into a firmware, run "
+                   "under qemu-system-arm, and its instructions counted")
     r.add_argument("--input", required=True, help="input array (.npy, float32)")
     r.add_argument("-o", "--output", required=True,
                    help="output to write: .npy, or .npz (keyed by the ONNX output names; "
                         "required when the model has several outputs)")
     r.add_argument("--rpc", default=None, metavar="ADDRESS",
                    help="run on an RPC server: HOST:PORT, or tracker://HOST:PORT/KEY")
+    r.add_argument("--timeout", type=parse_seconds, default=None, metavar="SECONDS",
+                   help="Cortex-M4 project: stop qemu after this long (default: 60 s + 1 s "
+                        "per input row)")
     r.set_defaults(func=cmd_run)
     return parser
 

@@ -347,17 +347,22 @@ class TuneResult:
     dense_seconds: dict[str, float]  # {"ours": s, "meta_schedule": s}, those measured
     kernel: KernelKind  # the one it runs on
     new_trials: int  # measurements this call added to the database
+    unit: str = "seconds"  # of sparse_seconds / dense_seconds: "instructions" on a microcontroller
 
     @property
     def kernel_text(self) -> str:
         return f"grouped-sparse g={self.best.group_width}" if self.kernel is KernelKind.SPARSE else str(self.kernel)
 
     def row(self) -> list:
-        fmt = lambda v: "-" if v is None else f"{v * 1e6:.2f}"  # noqa: E731
-        best = self.best
-        knobs = ["-"] * 4 if best is None else [best.group_width, best.unroll,
-                                                 best.batch_tile if self.batch > 1 else "-",
-                                                 "yes" if best.parallel else "no"]
+        if self.unit == "instructions":  # counted under qemu: no knobs besides g
+            fmt = lambda v: "-" if v is None else f"{v:,.0f}"  # noqa: E731
+            knobs = ["-" if self.best is None else self.best.group_width, "-", "-", "-"]
+        else:
+            fmt = lambda v: "-" if v is None else f"{v * 1e6:.2f}"  # noqa: E731
+            best = self.best
+            knobs = ["-"] * 4 if best is None else [best.group_width, best.unroll,
+                                                     best.batch_tile if self.batch > 1 else "-",
+                                                     "yes" if best.parallel else "no"]
         return [self.name, f"{self.shape[0]}x{self.shape[1]}"] + knobs + [
             fmt(self.sparse_seconds), fmt(self.dense_seconds.get("ours")),
             fmt(self.dense_seconds.get("meta_schedule")), self.kernel_text, self.new_trials]
@@ -365,6 +370,25 @@ class TuneResult:
 
 TUNE_HEADERS = ["layer", "shape (NxK)", "best g", "unroll", "batch tile", "threads", "sparse us",
                 "dense us (ours)", "dense us (meta_schedule)", "kernel", "new trials"]
+MCU_TUNE_HEADERS = ["layer", "shape (NxK)", "best g", "unroll", "batch tile", "threads",
+                    "sparse instructions", "dense instructions", "dense (meta_schedule)", "kernel",
+                    "new trials"]
+
+
+def tune_headers(results: list[TuneResult]) -> list[str]:
+    """The header of ``tune``'s table: times on a CPU, instruction counts on a microcontroller."""
+    return MCU_TUNE_HEADERS if results and results[0].unit == "instructions" else TUNE_HEADERS
+
+
+def _mcu_compile(model: onnx.ModelProto, folder, mode: str) -> None:
+    """The Cortex-M4 project generator (what ``compile --target cortex-m4`` writes), as the
+    instruction-count tuner calls it."""
+    try:
+        from .mcu.project import generate
+    except ImportError:
+        raise ScalpelError("the Cortex-M4 project generator (tvm_scalpel/mcu/project.py) is "
+                           "missing from this installation") from None
+    generate(model, mode=mode).write(folder)
 
 
 def tune(model, db: str | os.PathLike, *, target="x86", rate: float = 0.9, batch: int = 1,
@@ -391,9 +415,25 @@ def tune(model, db: str | os.PathLike, *, target="x86", rate: float = 0.9, batch
     if dense_trials and (profile.name != "x86" or rpc is not None):
         raise ScalpelError("--dense-trials tunes dense layers with meta_schedule on this machine: "
                            "use --target x86 without --rpc")
-    if profile.name != "x86" and rpc is None:
+    measure_fn = dense_fn = None
+    unit = "seconds"
+    if profile.parallelism == "low":  # a microcontroller: instruction counts under qemu, here
+        from functools import partial
+
+        from .mcu.firmware import mcu_ready
+        from .mcu.layer_cost import UNIT, measure_dense, measure_sparse
+
+        if rpc is not None or batch != 1:
+            raise ScalpelError(f"target {profile.name} is measured here under qemu, one input at "
+                               "a time: drop --rpc and --batch")
+        reason = mcu_ready()
+        if reason is not None:
+            raise ScalpelError(reason)
+        measure_fn = partial(measure_sparse, compile_fn=_mcu_compile)
+        dense_fn = partial(measure_dense, compile_fn=_mcu_compile)
+        unit = UNIT
+    elif profile.name != "x86" and rpc is None:
         raise ScalpelError(f"target {profile.name} cannot run here: measure on it with --rpc")
-    measure_fn = None
     if rpc is not None:
         from functools import partial
 
@@ -414,14 +454,15 @@ def tune(model, db: str | os.PathLike, *, target="x86", rate: float = 0.9, batch
         for layer, (n, k) in shapes:
             task = Task(n, k, rate, batch)
             results.append(_tune_layer(layer, task, profile, database, sparse_trials, dense_trials,
-                                       db, rpc, measure_fn, bar))
+                                       db, rpc, measure_fn, bar, dense_fn, unit))
     return results
 
 
 def _tune_layer(name, task, profile, db, sparse_trials: int, dense_trials: int, db_path, rpc,
-                measure_fn, bar) -> TuneResult:
+                measure_fn, bar, dense_fn=None, unit: str = "seconds") -> TuneResult:
     """One layer: grouped-sparse candidates, our dense kernel, and (``dense_trials``)
-    meta_schedule where the layer stays dense."""
+    meta_schedule where the layer stays dense. ``dense_fn(task)`` costs the dense kernel
+    where it is not timed here (a microcontroller's instruction count, in ``unit``)."""
     import numpy as np
 
     from .tuning import time_layer, tune_task
@@ -430,12 +471,17 @@ def _tune_layer(name, task, profile, db, sparse_trials: int, dense_trials: int, 
     new = 0
     if sparse_trials:
         kwargs = {"measure_fn": measure_fn} if measure_fn else {}
-        best, secs, new = tune_task(task, profile, db, sparse_trials, progress=bar, **kwargs)
+        best, secs, new = tune_task(task, profile, db, sparse_trials, progress=bar, unit=unit,
+                                    **kwargs)
         bar.update(sparse_trials - new)
     dense = db.dense_times(profile, task.n, task.k, task.batch)
     if "ours" not in dense:
-        w = np.random.default_rng(0).standard_normal((task.n, task.k)).astype(np.float32)
-        db.add_dense(profile, task.n, task.k, task.batch, "ours", time_layer(profile, w, task.batch, rpc=rpc))
+        if dense_fn is not None:
+            cost = dense_fn(task)
+        else:
+            w = np.random.default_rng(0).standard_normal((task.n, task.k)).astype(np.float32)
+            cost = time_layer(profile, w, task.batch, rpc=rpc)
+        db.add_dense(profile, task.n, task.k, task.batch, "ours", cost, unit)
         new += 1
     bar.update(1)
     stays_dense = secs is None or secs >= db.dense_times(profile, task.n, task.k, task.batch)["ours"]
@@ -454,7 +500,7 @@ def _tune_layer(name, task, profile, db, sparse_trials: int, dense_trials: int, 
     else:
         kernel = KernelKind.DENSE_OURS
     return TuneResult(name, (task.n, task.k), task.batch, best, secs,
-                      db.dense_times(profile, task.n, task.k, task.batch), kernel, new)
+                      db.dense_times(profile, task.n, task.k, task.batch), kernel, new, unit)
 
 
 # --------------------------------------------------------------------------- train

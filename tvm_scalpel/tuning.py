@@ -83,15 +83,27 @@ class Measurement:
     seconds: float
 
 
+# A microcontroller (low parallelism) has no fp32 SIMD: what a wider group saves there is the
+# column index loaded and the address computed once per group instead of once per weight.
+MCU_GROUP_WIDTHS = (1, 2, 4, 8, 16)
+
+
 def candidates(task: Task, profile: TargetProfile) -> list[Candidate]:
+    if profile.parallelism == "low":  # one core, no threads, batch 1: the group width only
+        return [Candidate(g, 1, 1, False) for g in MCU_GROUP_WIDTHS if g <= task.k]
     widths = group_widths(profile.simd_width, task.k)
     tiles = (4, 8) if task.batch > 1 else (8,)  # the batch tile only matters beyond batch 1
     return [Candidate(g, u, t, p) for g, u, t, p in
             itertools.product(widths, (1, 2, 4), tiles, (False, True))]
 
 
+COST_UNITS = ("seconds", "instructions")  # time on a CPU; an instruction count under qemu (MCU)
+
+
 class TuningDatabase:
-    """Append-only JSON lines: one measurement a line."""
+    """Append-only JSON lines: one measurement a line. A record's cost is ``seconds`` or, for a
+    microcontroller measured under qemu, ``instructions``; records are keyed by the target, so
+    the costs compared with each other are always of one unit."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
@@ -108,7 +120,7 @@ class TuningDatabase:
             for line in f:
                 try:
                     rec = json.loads(line)
-                    key, secs = rec["key"], float(rec["seconds"])
+                    key, secs = rec["key"], float(rec["seconds"] if "seconds" in rec else rec["instructions"])
                     if "dense" in rec:  # a dense layer's kernel: ours or meta_schedule's
                         self.dense.setdefault(key, {})[str(rec["dense"])] = secs
                         continue
@@ -130,8 +142,9 @@ class TuningDatabase:
             f.flush()
             os.fsync(f.fileno())
 
-    def add(self, task: Task, profile: TargetProfile, candidate: Candidate, seconds: float) -> None:
-        rec = {"key": task.key(profile), "candidate": asdict(candidate), "seconds": seconds}
+    def add(self, task: Task, profile: TargetProfile, candidate: Candidate, seconds: float,
+            unit: str = "seconds") -> None:
+        rec = {"key": task.key(profile), "candidate": asdict(candidate), unit: seconds}
         self._append(rec)
         self.records.setdefault(rec["key"], []).append({"candidate": rec["candidate"], "seconds": seconds})
 
@@ -140,10 +153,10 @@ class TuningDatabase:
         return json.dumps([str(profile.target), n, k, "dense", batch])
 
     def add_dense(self, profile: TargetProfile, n: int, k: int, batch: int, kernel: str,
-                  seconds: float) -> None:
-        """Record a dense layer's time on one kernel: "ours" or "meta_schedule"."""
+                  seconds: float, unit: str = "seconds") -> None:
+        """Record a dense layer's cost on one kernel: "ours" or "meta_schedule"."""
         key = self.dense_key(profile, n, k, batch)
-        self._append({"key": key, "dense": kernel, "seconds": seconds})
+        self._append({"key": key, "dense": kernel, unit: seconds})
         self.dense.setdefault(key, {})[kernel] = seconds
 
     def dense_times(self, profile: TargetProfile, n: int, k: int, batch: int) -> dict[str, float]:
@@ -248,7 +261,8 @@ def _rank(measured: dict[Candidate, float], todo: list[Candidate], task: Task, s
 
 
 def tune_task(task: Task, profile: TargetProfile, db: TuningDatabase, trials: int,
-              seed: int = 0, measure_fn=measure, progress=None) -> tuple[Candidate, float, int]:
+              seed: int = 0, measure_fn=measure, progress=None,
+              unit: str = "seconds") -> tuple[Candidate, float, int]:
     """Measure candidates until ``trials`` of them are known (database records count), so a
     second run with the same budget measures nothing. Returns ``(best, seconds, new ones)``.
 
@@ -268,7 +282,7 @@ def tune_task(task: Task, profile: TargetProfile, db: TuningDatabase, trials: in
         batch = pending or _rank(measured, todo, task, seed)[:4]
         for cand in batch[: trials - len(measured)]:
             secs = measure_fn(task, cand, profile)
-            db.add(task, profile, cand, secs)
+            db.add(task, profile, cand, secs, unit)
             measured[cand] = secs
             new += 1
             if progress is not None:
