@@ -246,7 +246,7 @@ def run_aarch64(spec: ModelSpec, args, server: str | None, why_not: str | None, 
 def run_cuda(spec: ModelSpec, args, bar) -> list[Result]:
     import shutil
 
-    from tvm_scalpel.schedules.cuda import to_ptx
+    from tvm_scalpel.schedules.toolchains import to_ptx
 
     results = []
     for v in variants(spec, "cuda", args.seed):

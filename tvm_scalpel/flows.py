@@ -310,7 +310,7 @@ def compile(model, output: str | os.PathLike | None = None, *, target="x86", mod
     ``mode="auto"``) go grouped-sparse; with ``output``, the shared library is written
     (all-or-nothing, cross-linked for a non-host target)."""
     from .api import compile_onnx, export_library
-    from .build import cross_linker
+    from .schedules.toolchains import cross_linker
     from .onnx_io import initializer_names
     from .targets import resolve_target
 
