@@ -42,3 +42,8 @@ class KernelKind(TextEnum):
     # dense layers left to TVM's own pipeline (dlight); CUDA is the one target kind with our
     # sparse kernel but not our dense one (schedules.cuda)
     DENSE_TVM = "dense (TVM's cuda pipeline)"
+
+    @property
+    def short(self) -> str:
+        """The kernel without who scheduled it: ``dense (meta_schedule)`` is ``dense``."""
+        return "dense" if self in (KernelKind.DENSE_META_SCHEDULE, KernelKind.DENSE_TVM) else self.value
