@@ -59,6 +59,7 @@ from tvm import relax
 
 from tvm_scalpel import compile_onnx, models, prune_onnx, resolve_target
 from tvm_scalpel.finetune import node_prune
+from tvm_scalpel.kinds import KernelKind, LayerKind
 from tvm_scalpel.onnx_io import to_relax, with_batch
 from tvm_scalpel.policy import plan_layers
 
@@ -135,7 +136,7 @@ def policy_model(model: onnx.ModelProto, profile) -> onnx.ModelProto:
     nodes = {p.name: NODE_RATE for p in plans if p.method == "nodes"}
     if nodes:
         model = node_prune(model, nodes, criterion="l1").model
-    fc_weights = any(p.method == "weights" and p.kind == "fc" for p in plans)
+    fc_weights = any(p.method == "weights" and p.kind is LayerKind.FC for p in plans)
     return prune_onnx(model, FC_RATE if fc_weights else 0.0, profile).model
 
 
@@ -147,8 +148,8 @@ def build_variants(model: onnx.ModelProto, profile) -> list[Variant]:
     variants = []
     for key, onnx_model, mode in specs:
         out = compile_onnx(onnx_model, profile, mode=mode)
-        sparse = [d.name for d in out.layers if d.kernel == "grouped-sparse"]
-        variants.append(Variant(key, onnx_model, out.executable, sum(d.bytes for d in out.layers),
+        sparse = [d.name for d in out.layers if d.kernel is KernelKind.SPARSE]
+        variants.append(Variant(key, onnx_model, out.executable, sum(d.weight_bytes for d in out.layers),
                                 f"{len(sparse)} of {len(out.layers)} layers grouped-sparse"))
     return variants
 

@@ -66,6 +66,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from tvm_scalpel import compile_onnx, prune_onnx, resolve_target
+from tvm_scalpel.kinds import KernelKind
 from tvm_scalpel.models import lenet_300_100
 from tvm_scalpel.passes import LayerDecision
 
@@ -114,7 +115,7 @@ class OrtRef:
 def layer_summary(layers: list[LayerDecision]) -> str:
     parts = []
     for d in layers:
-        kind = f"sparse g={d.group_width}" if d.kernel == "grouped-sparse" else d.kernel
+        kind = f"sparse g={d.group_width}" if d.kernel is KernelKind.SPARSE else d.kernel
         parts.append(f"{d.shape[0]}x{d.shape[1]}: {kind}")
     return "; ".join(parts) if parts else "TVM's own kernels"
 
@@ -178,7 +179,7 @@ def run(args: argparse.Namespace, cfg: TimingConfig) -> tuple[OrtRef, list[Confi
             ):
                 pruned = prune_onnx(model, rate, profile, width)
                 out = compile_onnx(pruned.model, profile, mode=mode)
-                c = Config(key, rate, label, out.layers, sum(d.bytes for d in out.layers),
+                c = Config(key, rate, label, out.layers, sum(d.weight_bytes for d in out.layers),
                            achieved=[p.rate for p in pruned.layers],
                            sparse_bytes=sum(p.sparse_bytes for p in pruned.layers))
                 add_config(c, tvm.relax.VirtualMachine(out.executable, tvm.cpu()), pruned.model,

@@ -63,6 +63,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from tvm_scalpel import ScalpelError, compile_onnx, models, prune_onnx, resolve_target
 from tvm_scalpel.finetune import node_prune
 from tvm_scalpel.format import GroupedSparseMatrix
+from tvm_scalpel.kinds import KernelKind, LayerKind
 from tvm_scalpel.policy import plan_layers
 from tvm_scalpel.pruning import recover_group_width
 
@@ -145,8 +146,8 @@ def variants(spec: ModelSpec, target: str, seed: int) -> list[Variant]:
     if nodes:
         scalpel = node_prune(dense, nodes, criterion="l1").model
         how.append("nodes " + ", ".join(f"{n.split('.')[0]} {r:.0%}" for n, r in nodes.items()))
-    fc_weights = any(p.method == "weights" and p.kind == "fc" for p in plans)
-    conv_weights = any(p.method == "weights" and p.kind == "conv" for p in plans)
+    fc_weights = any(p.method == "weights" and p.kind is LayerKind.FC for p in plans)
+    conv_weights = any(p.method == "weights" and p.kind is LayerKind.CONV for p in plans)
     if fc_weights or conv_weights:
         g = profile.simd_width
         scalpel = prune_onnx(scalpel, spec.fc_rate if fc_weights else 0.0, profile, g,
@@ -166,7 +167,7 @@ def variants(spec: ModelSpec, target: str, seed: int) -> list[Variant]:
 def kernel_summary(layers) -> str:
     parts = []
     for d in layers:
-        kind = f"sparse g={d.group_width}" if d.kernel == "grouped-sparse" else d.kernel.split(" (")[0]
+        kind = f"sparse g={d.group_width}" if d.kernel is KernelKind.SPARSE else d.kernel.short
         parts.append(f"{d.kind} {d.shape[0]}x{d.shape[1]}: {kind}")
     return "; ".join(parts)
 
@@ -246,7 +247,7 @@ def run_aarch64(spec: ModelSpec, args, server: str | None, why_not: str | None, 
 def run_cuda(spec: ModelSpec, args, bar) -> list[Result]:
     import shutil
 
-    from tvm_scalpel.schedules.cuda import to_ptx
+    from tvm_scalpel.schedules.toolchains import to_ptx
 
     results = []
     for v in variants(spec, "cuda", args.seed):

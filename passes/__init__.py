@@ -15,6 +15,8 @@ or ``permute_dims`` of one, bias, ReLU; ``find_dense_layers`` / ``find_conv_laye
 it), one rewriter (``GraphRewriter`` applying a ``RewritePlan``).
 """
 
+from tvm_scalpel.decisions import LayerDecision
+
 from .conv_layers import ConvLayer, find_conv_layers
 from .dense_layers import DenseLayer, find_dense_layers
 from .fuse_dense_chains import FuseDenseChains
@@ -22,7 +24,7 @@ from .pipeline import scalpel_pipeline
 from .prune_weights import PrunedLayer, PruneWeightGroups
 from .remove_masked_nodes import MaskedLayer, RemoveMaskedNodes
 from .rewrite_conv_layers import RewriteConvLayers
-from .rewrite_dense_layers import LayerDecision, RewriteDenseLayers
+from .rewrite_dense_layers import RewriteDenseLayers
 
 __all__ = [
     "ConvLayer",

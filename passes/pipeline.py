@@ -6,12 +6,13 @@ import tvm
 from tvm import relax
 
 from tvm_scalpel.checks import default_group_width
+from tvm_scalpel.decisions import LayerDecision
 from tvm_scalpel.targets import resolve_target
 
 from .fuse_dense_chains import FuseDenseChains
 from .prune_weights import PruneWeightGroups
 from .rewrite_conv_layers import RewriteConvLayers
-from .rewrite_dense_layers import LayerDecision, RewriteDenseLayers
+from .rewrite_dense_layers import RewriteDenseLayers
 
 
 def scalpel_pipeline(

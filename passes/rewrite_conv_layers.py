@@ -24,11 +24,12 @@ import tvm
 from tvm import relax, te, tirx
 
 from tvm_scalpel import schedules
+from tvm_scalpel.decisions import LayerDecision
 from tvm_scalpel.targets import resolve_target
 
 from .conv_layers import ConvLayer, find_conv_layers
 from .graph import GraphRewriter, RewritePlan
-from .rewrite_dense_layers import KernelLowering, LayerDecision, Mode
+from .rewrite_dense_layers import KernelLowering, Mode
 
 log = logging.getLogger("tvm_scalpel.passes")
 
@@ -183,4 +184,4 @@ def _grouped_decision(layer: ConvLayer) -> LayerDecision:
     return LayerDecision(index=layer.index, name=str(layer.output.name), shape=(n, k),
                          kernel="dense depthwise" if depthwise else "dense grouped", group_width=0,
                          density=float(np.count_nonzero(w)) / w.size, estimated_speedup=0.0,
-                         bytes=n * k * 4, weight=w, kind="conv")
+                         weight=w, kind="conv")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -18,6 +17,7 @@ import tvm
 from tvm import relax, tirx
 
 from tvm_scalpel import schedules
+from tvm_scalpel.decisions import LayerDecision
 from tvm_scalpel.format import GroupedSparseMatrix
 from tvm_scalpel.pruning import recover_group_width
 from tvm_scalpel.targets import TargetProfile, resolve_target
@@ -28,22 +28,6 @@ from .graph import GraphRewriter, RewritePlan
 log = logging.getLogger("tvm_scalpel.passes")
 
 Mode = Literal["auto", "sparse", "dense"]
-
-
-@dataclass
-class LayerDecision:
-    """How ``RewriteDenseLayers`` lowered one layer."""
-
-    index: int
-    name: str
-    shape: tuple[int, int]
-    kernel: str  # "grouped-sparse" or "dense"
-    group_width: int  # recovered g (1 = unstructured / CSR); 0 for a layer without zeros
-    density: float  # fraction of weights that are non-zero
-    estimated_speedup: float  # dense cost / sparse cost from the cost model
-    bytes: int  # bytes of the weight operands the kernel reads
-    weight: np.ndarray = field(default=None, repr=False)  # W[N, K] as compiled
-    kind: str = "fc"  # "fc" or "conv" (shape is then the unfolded (O, C*KH*KW))
 
 
 # Cost model, in vector-FMA slots per input row. A dense layer costs N*K/simd. A grouped-sparse
@@ -101,7 +85,6 @@ class KernelLowering:
             group_width=g if sparse is not None else 0,
             density=density,
             estimated_speedup=speedup,
-            bytes=sparse.nbytes if go_sparse else n * k * 4,
             weight=w,
             kind=kind,
         )

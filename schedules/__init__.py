@@ -1,4 +1,7 @@
-"""Kernels for dense layers, one file a target: ``x86.py`` (any LLVM CPU), ``cuda.py``.
+"""Kernels for dense and conv layers, one rule file a target (as TVM's dlight rules):
+``x86.py``, ``aarch64.py``, ``cortex_m4.py`` (the LLVM CPUs, sharing ``cpu_kernels.py`` and
+``conv_cpu.py``) and ``cuda.py``; ``spec.py`` has what they share (layer spec, knobs, packing),
+``toolchains.py`` the build tools (cross linkers, nvcc). ``RULES`` maps a target to its rule.
 
 Entry points: :func:`layer_spec` describes a layer with the target's default knobs;
 :func:`kernel` returns the TensorIR ``PrimFunc`` for one layer or a chain of layers run back to
@@ -12,16 +15,18 @@ from tvm import tirx
 from tvm_scalpel.errors import ScalpelError
 from tvm_scalpel.targets import TargetProfile
 
-from . import x86
+from . import aarch64, conv_cpu, cortex_m4, cpu_kernels, cuda, x86
 from .conv_cpu import ConvKnobs, ConvShape
-from .x86 import CpuKnobs, LayerSpec, PackedGroupedSparse, pack_grouped_sparse
+from .spec import CpuKnobs, LayerSpec, PackedGroupedSparse, TargetRule, pack_dense, pack_grouped_sparse
 
 __all__ = [
     "CpuKnobs",
     "LayerSpec",
     "PackedGroupedSparse",
+    "TargetRule",
     "pack_grouped_sparse",
     "pack_dense",
+    "rule_of",
     "default_knobs",
     "layer_spec",
     "kernel",
@@ -38,37 +43,55 @@ __all__ = [
     "pack_conv_bias",
 ]
 
-# Multiply-adds per call above which spreading rows over threads beats the fork/join cost of
-# TVM's thread pool. Measured on 2 idle cores: a 784x300 dense layer (235k) runs 1.7x faster
-# on two threads, a 92%-pruned one (19k) slower. Below this, one thread.
-PARALLEL_MIN_MACS = 200_000
+# (target kind, LLVM triple's architecture) -> rule; "" is no triple (LLVM: the host, x86).
+RULES: dict[tuple[str, str], TargetRule] = {
+    ("llvm", ""): x86.RULE,
+    ("llvm", "x86_64"): x86.RULE,
+    ("llvm", "x86"): x86.RULE,
+    ("llvm", "i386"): x86.RULE,
+    ("llvm", "i686"): x86.RULE,
+    ("llvm", "aarch64"): aarch64.RULE,
+    ("llvm", "arm64"): aarch64.RULE,
+    ("llvm", "thumbv7em"): cortex_m4.RULE,
+    ("cuda", ""): cuda.RULE,
+}
+# a target kind's rule for the architectures without a file of their own
+FALLBACK: dict[str, TargetRule] = {"llvm": cpu_kernels.GENERIC}
+
+# The rows-over-threads threshold of the host's rule (conv patch kernels use it on any CPU).
+PARALLEL_MIN_MACS = x86.RULE.parallel_min_macs
+
+
+def rule_of(profile: TargetProfile) -> TargetRule | None:
+    """The rule that schedules ``profile``'s target, or None where we have none."""
+    return RULES.get((profile.kind, profile.arch)) or FALLBACK.get(profile.kind)
 
 
 def supports(profile: TargetProfile) -> bool:
-    return profile.kind in ("llvm", "cuda")
+    return rule_of(profile) is not None
 
 
 def supports_dense(profile: TargetProfile) -> bool:
     """Whether we schedule dense layers too (on GPUs, TVM's dlight rules do)."""
-    return profile.kind == "llvm"
+    rule = rule_of(profile)
+    return rule is not None and rule.dense
 
 
-def _require(profile: TargetProfile) -> None:
-    if not supports(profile):
+def _rule(profile: TargetProfile) -> TargetRule:
+    rule = rule_of(profile)
+    if rule is None:
         raise ScalpelError(f"no dense-layer schedule for target kind {profile.kind!r} yet")
+    return rule
+
+
+def _cpu_rule(profile: TargetProfile) -> TargetRule:
+    if not supports_dense(profile):
+        raise ScalpelError(f"no convolution kernel for target kind {profile.kind!r}")
+    return rule_of(profile)
 
 
 def default_knobs(profile: TargetProfile, macs_per_row: int) -> CpuKnobs:
-    _require(profile)
-    if profile.kind == "cuda":
-        return CpuKnobs()  # the CUDA kernel has no knobs yet
-    tile = 8
-    return CpuKnobs(
-        unroll=2,
-        batch_tile=tile,
-        parallel_gemv=macs_per_row >= PARALLEL_MIN_MACS,
-        parallel_gemm=macs_per_row * tile >= PARALLEL_MIN_MACS,
-    )
+    return _rule(profile).default_knobs(macs_per_row)
 
 
 def layer_spec(
@@ -83,38 +106,18 @@ def layer_spec(
 ) -> LayerSpec:
     """A dense layer (``group_width=0``) or a grouped-sparse one, with the target's knobs.
     ``packed``: a dense weight in GEMM panels (``pack_dense``) instead of row-major, on CPUs."""
+    rule = _rule(profile)
     macs = n_groups * group_width if group_width else n * k
-    lanes = max(profile.simd_width, 1)
-    panel = x86.panel_width(lanes) if packed and not group_width and profile.kind == "llvm" else 0
+    lanes = rule.lanes(profile)
+    panel = rule.panel_width(lanes) if packed and not group_width else 0
     return LayerSpec(n, k, relu, group_width, n_groups, lanes=lanes,
-                     knobs=knobs or default_knobs(profile, macs), panel=panel)
-
-
-def pack_dense(spec: LayerSpec, weight, bias=None) -> list:
-    """The constant operands of a dense layer's kernel, ``[weight, bias]`` in ``spec``'s layout
-    (``W[N, K]`` row-major, or packed into panels)."""
-    import numpy as np
-
-    w = np.ascontiguousarray(weight, dtype=np.float32)
-    b = np.zeros(spec.n, np.float32) if bias is None else np.asarray(bias, np.float32)
-    if spec.panel:
-        return list(x86.pack_dense_panels(w, b, spec.panel))
-    return [w, b]
+                     knobs=knobs or rule.default_knobs(macs), panel=panel)
 
 
 def kernel(profile: TargetProfile, specs: list[LayerSpec]) -> tirx.PrimFunc:
     """One function computing the layers back to back: parameters ``x, *operands, y``
     (on CUDA: one grouped-sparse layer)."""
-    _require(profile)
-    if profile.kind == "cuda":
-        from . import cuda
-
-        if len(specs) != 1:
-            raise ScalpelError("the CUDA kernels take one layer at a time")
-        return cuda.grouped_sparse_dense_kernel(specs[0])
-    from . import x86
-
-    return x86.chain_kernel(specs)
+    return _rule(profile).kernel(specs)
 
 
 def grouped_sparse_dense(
@@ -137,25 +140,13 @@ def dense(
 def patch_kernel(profile: TargetProfile, spec: LayerSpec, positions: int) -> tirx.PrimFunc:
     """A conv layer over its unfolded patches (``cols[B, C*KH*KW, OH*OW]`` to ``y[B, O,
     OH*OW]``), vectorized along the output positions; CPU targets only."""
-    if not supports_dense(profile):
-        raise ScalpelError(f"no convolution kernel for target kind {profile.kind!r}")
-    from . import x86
-
-    return x86.patch_kernel(spec, positions)
-
-
-def _conv_lanes(profile: TargetProfile) -> int:
-    return max(profile.simd_width, 4)
+    return _cpu_rule(profile).patch_kernel(profile, spec, positions)
 
 
 def default_conv_knobs(profile: TargetProfile, shape: ConvShape) -> ConvKnobs:
-    """The blocked conv kernel's knobs by the rule of ``conv_cpu.default_conv_knobs``."""
-    from . import conv_cpu
-
-    triple = str(profile.target.attrs.get("mtriple", "")) if profile.kind == "llvm" else ""
-    x86 = triple.startswith(("x86", "i386", "i686")) or not triple
-    lanes = _conv_lanes(profile)
-    return conv_cpu.default_conv_knobs(shape, lanes, conv_cpu.vector_registers(lanes, x86))
+    """The blocked conv kernel's knobs by the rule of ``conv_cpu.default_conv_knobs``, with the
+    target's lanes and vector registers."""
+    return _cpu_rule(profile).default_conv_knobs(profile, shape)
 
 
 def conv2d(profile: TargetProfile, shape: ConvShape, knobs: ConvKnobs | None = None,
@@ -163,21 +154,14 @@ def conv2d(profile: TargetProfile, shape: ConvShape, knobs: ConvKnobs | None = N
     """The blocked (NCHW[x]c) dense / grouped / depthwise conv kernel: parameters ``data,
     weight, bias[, residual], out``, data and out NCHW, weight and bias packed by
     :func:`pack_conv_weight` / :func:`pack_conv_bias` with the same knobs; CPU targets only."""
-    if not supports_dense(profile):
-        raise ScalpelError(f"no convolution kernel for target kind {profile.kind!r}")
-    from . import conv_cpu
-
-    knobs = knobs or default_conv_knobs(profile, shape)
-    return conv_cpu.conv2d_kernel(shape, knobs, _conv_lanes(profile), relu, residual)
+    rule = _cpu_rule(profile)
+    knobs = knobs or rule.default_conv_knobs(profile, shape)
+    return rule.conv2d(profile, shape, knobs, relu, residual)
 
 
 def pack_conv_weight(kernel, shape: ConvShape, knobs: ConvKnobs):
-    from . import conv_cpu
-
     return conv_cpu.pack_weight(kernel, shape, knobs)
 
 
 def pack_conv_bias(bias, shape: ConvShape, knobs: ConvKnobs):
-    from . import conv_cpu
-
     return conv_cpu.pack_bias(bias, shape, knobs)

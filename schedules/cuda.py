@@ -14,13 +14,15 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
-from .x86 import F32, LayerSpec
+from tvm_scalpel.errors import ScalpelError
+
+from .spec import F32, LayerSpec, TargetRule
 
 WARP = 32
 
 
 def grouped_sparse_dense_kernel(spec: LayerSpec) -> tirx.PrimFunc:
-    """``y = act(x @ W.T + bias)`` with W in the packed grouped-sparse layout (see x86.py)."""
+    """``y = act(x @ W.T + bias)`` with W in the packed grouped-sparse layout (``spec.pack_grouped_sparse``)."""
     if not spec.sparse:
         raise ValueError("the CUDA kernel is for grouped-sparse layers; dense ones go to dlight")
     g, n, k = spec.group_width, spec.n, spec.k
@@ -64,40 +66,17 @@ def grouped_sparse_dense_kernel(spec: LayerSpec) -> tirx.PrimFunc:
     return builder.get()
 
 
-def to_ptx(executable, arch: str) -> str:
-    """PTX of every CUDA kernel in a compiled module, built with ``nvcc`` (the TVM wheel has no
-    CUDA runtime: its device modules keep CUDA C source)."""
-    import shutil
-    import subprocess
-    import tempfile
-    from pathlib import Path
+class CudaRule(TargetRule):
+    """Our grouped-sparse kernel; dense layers are left to TVM's GPU pipeline (dlight). The
+    kernel has no knobs yet, and takes one layer at a time. Lanes: a warp of 32."""
 
-    if shutil.which("nvcc") is None:
-        raise RuntimeError("nvcc not found")
-    sources = [m.inspect_source("") for m in _device_modules(executable.mod)]
-    out = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for i, src in enumerate(sources):
-            cu, ptx = Path(tmp) / f"k{i}.cu", Path(tmp) / f"k{i}.ptx"
-            cu.write_text(src)
-            run = subprocess.run(["nvcc", "--ptx", f"-arch={arch}", str(cu), "-o", str(ptx)],
-                                 capture_output=True, text=True, timeout=300)
-            if run.returncode:
-                raise RuntimeError(f"nvcc failed: {run.stderr.strip().splitlines()[-1]}")
-            out.append(ptx.read_text())
-    return "\n".join(out)
+    name = "cuda"
+    dense = False
+
+    def kernel(self, specs: list[LayerSpec]) -> tirx.PrimFunc:
+        if len(specs) != 1:
+            raise ScalpelError("the CUDA kernels take one layer at a time")
+        return grouped_sparse_dense_kernel(specs[0])
 
 
-def _device_modules(module):
-    for m in module.imports:
-        if "__global__" in (m.inspect_source("") if _has_source(m) else ""):
-            yield m
-        yield from _device_modules(m)
-
-
-def _has_source(module) -> bool:
-    try:
-        module.inspect_source("")
-        return True
-    except Exception:
-        return False
+RULE = CudaRule()

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from tvm_scalpel import compile_onnx, models, prune_onnx
-from tvm_scalpel.schedules.cuda import to_ptx
+from tvm_scalpel.schedules.toolchains import to_ptx
 
 pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) not installed")
 

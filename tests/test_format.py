@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from helpers import group_bounds, group_zero_counts, grouped_sparse_bytes
 
-from tvm_scalpel.format import GroupedSparseMatrix, sparse_nbytes
+from tvm_scalpel.decisions import LayerDecision
+from tvm_scalpel.format import GroupedSparseMatrix
 
 # (g, N, K): K is never a multiple of g (except g = 1), so every row ends in a partial group.
 CASES = [(1, 9, 23), (3, 12, 40), (4, 10, 37), (8, 7, 61), (16, 11, 50), (16, 5, 7)]
@@ -38,8 +39,12 @@ def test_byte_accounting(rng, g, n, k):
     m = GroupedSparseMatrix.from_dense(w, g)
     expected = grouped_sparse_bytes(w, g)
     assert m.nbytes == expected
-    assert sparse_nbytes(m.n_groups, n, g) == expected
     assert m.dense_nbytes == n * k * 4
+    # what compile's per-layer report counts for a layer on each kernel
+    sparse = LayerDecision(0, "w", (n, k), "grouped-sparse", g, float(np.count_nonzero(w)) / w.size, 1.0, w)
+    assert sparse.weight_bytes == expected
+    sparse.kernel = "dense"
+    assert sparse.weight_bytes == n * k * 4
     slots = n * len(group_bounds(k, g))
     kept = sum(1 for zeros, size in group_zero_counts(w, g) if zeros < size)
     assert m.n_groups == kept

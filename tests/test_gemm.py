@@ -12,7 +12,8 @@ from helpers import build_primfunc, dense_ref, ort_run, rel_err, tensors, vm_run
 
 from tvm_scalpel import compile_onnx, schedules
 from tvm_scalpel.models import mlp
-from tvm_scalpel.schedules import CpuKnobs, x86
+from tvm_scalpel.schedules import CpuKnobs, LayerSpec, cpu_kernels
+from tvm_scalpel.schedules.spec import pack_dense_panels
 from tvm_scalpel.targets import resolve_target
 
 BATCHES = [1, 2, 7, 16, 17]
@@ -30,14 +31,14 @@ KNOBS = {
 
 def packed_spec(profile, n, k, relu, knobs):
     spec = schedules.layer_spec(profile, n, k, relu, knobs=knobs, packed=True)
-    assert spec.panel == x86.gemm_tile(spec.lanes)[1] * spec.lanes
+    assert spec.panel == cpu_kernels.gemm_tile(spec.lanes)[1] * spec.lanes
     return spec
 
 
 def test_pack_dense_panels_layout(rng):
     w = rng.standard_normal((21, 5)).astype(np.float32)
     b = rng.standard_normal(21).astype(np.float32)
-    p, bp = x86.pack_dense_panels(w, b, 8)
+    p, bp = pack_dense_panels(w, b, 8)
     assert p.shape == (3, 5, 8) and bp.shape == (24,)
     for n in range(21):
         np.testing.assert_array_equal(p[n // 8, :, n % 8], w[n])
@@ -66,12 +67,12 @@ def test_panel_gemm_any_vector_width(host, rng, lanes):
     """The kernel for another vector width (NEON 4, AVX2 8, AVX-512 16) still computes the
     layer: run here (LLVM splits vectors wider than the host's)."""
     n, k = 37, 45
-    nr = x86.panel_width(lanes)
-    spec = x86.LayerSpec(n, k, True, lanes=lanes, knobs=CpuKnobs(gemm_kc=16), panel=nr)
-    fn = build_primfunc(x86.chain_kernel([spec]), host.target)
+    nr = cpu_kernels.panel_width(lanes)
+    spec = LayerSpec(n, k, True, lanes=lanes, knobs=CpuKnobs(gemm_kc=16), panel=nr)
+    fn = build_primfunc(cpu_kernels.chain_kernel([spec]), host.target)
     w = rng.standard_normal((n, k)).astype(np.float32)
     bias = rng.standard_normal(n).astype(np.float32)
-    operands = list(x86.pack_dense_panels(w, bias, nr))
+    operands = list(pack_dense_panels(w, bias, nr))
     for batch in (1, 7, 17):
         x = rng.standard_normal((batch, k)).astype(np.float32)
         args = tensors(x, *operands, np.full((batch, n), np.nan, np.float32))
@@ -97,7 +98,7 @@ def test_panel_gemm_code_on_pinned_targets(name):
     mod = tvm.IRModule({"main": schedules.kernel(profile, [spec]).with_attr("global_symbol", "main")})
     asm = tvm.compile(mod, target=profile.target).mod.inspect_source("asm")
     lines = [ln.strip() for ln in asm.splitlines() if ln.strip() and not ln.strip().startswith((".loc", "#", ".cfi"))]
-    mr, vectors = x86.gemm_tile(lanes)
+    mr, vectors = cpu_kernels.gemm_tile(lanes)
     # the basic block with the most FMAs: the unrolled k loop of the mr x nr micro-kernel
     blocks, current = [], []
     for ln in lines:
@@ -135,9 +136,9 @@ def test_fused_chain_keeps_packed_layers():
     mod = tvm.transform.Sequential([RewriteDenseLayers(host), FuseDenseChains(host)])(mod)
     chains = [f for gv, f in mod.functions_items() if gv.name_hint.startswith("scalpel_chain")]
     assert len(chains) == 1
-    specs = [x86.LayerSpec.from_attr(a) for a in chains[0].attrs["scalpel.layers"]]
+    specs = [LayerSpec.from_attr(a) for a in chains[0].attrs["scalpel.layers"]]
     assert [s.n for s in specs] == [70, 45, 10]
-    assert all(s.panel == x86.panel_width(host.simd_width) for s in specs)
+    assert all(s.panel == cpu_kernels.panel_width(host.simd_width) for s in specs)
 
 
 def test_panel_gemm_neon_code():

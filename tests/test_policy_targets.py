@@ -88,6 +88,6 @@ def test_cuda_prunes_nodes_only_and_compiles(held_out, tmp_path, rng):
     built = compile_onnx(pruned, "cuda:sm_90")
     assert all(d.kernel.startswith("dense (TVM") for d in built.layers)
     if shutil.which("nvcc") is not None:
-        from tvm_scalpel.schedules.cuda import to_ptx
+        from tvm_scalpel.schedules.toolchains import to_ptx
 
         assert ".entry" in to_ptx(built.executable, "sm_90")

@@ -1,4 +1,4 @@
-"""The x86 kernels on their own, against numpy float64, over group widths, batches and knobs."""
+"""The LLVM CPU kernels (``cpu_kernels``) on their own, against numpy float64, over group widths, batches and knobs."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ from helpers import build_primfunc, dense_ref, ref_prune, rel_err, tensors
 
 from tvm_scalpel import ScalpelError, schedules
 from tvm_scalpel.format import GroupedSparseMatrix
-from tvm_scalpel.schedules import CpuKnobs, pack_grouped_sparse, x86
+from tvm_scalpel.schedules import CpuKnobs, LayerSpec, cpu_kernels, pack_grouped_sparse
 from tvm_scalpel.targets import resolve_target
 
 GROUP_WIDTHS = [1, 4, 8, 16, 32]
@@ -71,7 +71,9 @@ def test_dense_kernel(host, rng, lanes, relu, knobs):
     k = k_for(lanes)
     w = rng.standard_normal((N, k)).astype(np.float32)
     bias = rng.standard_normal(N).astype(np.float32)
-    fn = build_primfunc(x86.dense_kernel(N, k, lanes, relu, knobs), host.target)
+    # a row-major W[N, K] (no panels), vectorized by ``lanes``
+    spec = LayerSpec(N, k, relu, lanes=lanes, knobs=knobs)
+    fn = build_primfunc(cpu_kernels.chain_kernel([spec]), host.target)
     check_batches(rng, fn, [w, bias], w, bias, relu)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil  # noqa: F401  (the same module build.cross_linker calls: tests patch api.shutil.which)
+import shutil  # noqa: F401  (the same module schedules.toolchains.cross_linker calls: tests patch api.shutil.which)
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -16,7 +16,6 @@ import onnx
 import tvm
 from tvm import relax
 
-from .build import CROSS_COMPILERS, cross_linker  # noqa: F401  (re-exported: tests, README)
 from .checks import check_group_width, check_importance, check_mode, check_rate, default_group_width
 from .errors import ScalpelError
 from .onnx_io import atomic_output, replace_weights, to_relax
@@ -27,6 +26,7 @@ from .passes import (
     PruneWeightGroups,
     scalpel_pipeline,
 )
+from .schedules.toolchains import CROSS_COMPILERS, cross_linker  # noqa: F401  (re-exported: tests, README)
 from .signature import (  # noqa: F401  (re-exported: the library's signature lives there)
     SIGNATURE_FUNCTION,
     Signature,

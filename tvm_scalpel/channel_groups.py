@@ -69,10 +69,11 @@ def node_label(node: onnx.NodeProto) -> str:
 # --------------------------------------------------------------------------- exporter quirks
 
 
-def _unique(base: str, used: set[str]) -> str:
+def unique_name(base: str, used: set[str]) -> str:
+    """``base``, or ``base_1``, ``base_2``, ... if taken; the name returned is added to ``used``."""
     name, i = base, 1
     while name in used:
-        name, i = f"{base}.{i}", i + 1
+        name, i = f"{base}_{i}", i + 1
     used.add(name)
     return name
 
@@ -115,7 +116,7 @@ def unshare_initializers(model: onnx.ModelProto) -> int:
             if name not in seen:
                 seen.add(name)
                 continue
-            new = _unique(f"{name}.copy", used)
+            new = unique_name(f"{name}.copy", used)
             t = onnx.TensorProto()
             t.CopyFrom(inits[name])
             t.name = new

@@ -1,7 +1,7 @@
 """meta_schedule for the layers that stay dense.
 
 A layer that the policy or the measurements leave dense still needs a fast kernel. We have our
-own (``schedules.x86``); TVM's meta_schedule can search one too. ``tune_dense`` searches a
+own (``schedules.cpu_kernels``); TVM's meta_schedule can search one too. ``tune_dense`` searches a
 schedule of the layer's workload ``y[B, N] = x[B, K] @ W[N, K].T + b`` at a fixed batch with
 meta_schedule (its records go to a meta_schedule database directory beside our tuning
 database), times the best one and our dense kernel the same way, and records both times in our

@@ -9,7 +9,6 @@ and below cli and demo (see tests/test_import_graph.py).
 
 from __future__ import annotations
 
-import enum
 import logging
 import os
 from dataclasses import dataclass
@@ -29,21 +28,11 @@ from .checks import (
     check_rate,
     default_group_width,
 )
+from .decisions import LayerDecision
 from .errors import ScalpelError
+from .kinds import KernelKind, LayerKind
 
 log = logging.getLogger("tvm_scalpel")
-
-class KernelKind(str, enum.Enum):
-    """The kernel a dense layer runs on after tuning; prints as its value."""
-
-    SPARSE = "grouped-sparse"
-    DENSE_OURS = "dense (ours)"
-    DENSE_META_SCHEDULE = "dense (meta_schedule)"
-
-    def __str__(self) -> str:
-        return self.value
-
-    __format__ = str.__format__
 
 
 def _as_model(model) -> onnx.ModelProto:
@@ -234,7 +223,7 @@ def prune(model, rate: float = 0.9, *, target="x86", group_width: int | str | No
     outcome = prune_onnx(model, rate if weights else 0.0, profile, group_width, importance,
                          last if weights else None, tuning_db=db, conv_rate=conv_rate)
     if not weights:  # the FC layers went through at rate 0: they are not pruned layers
-        outcome.layers = [layer for layer in outcome.layers if layer.kind == "conv"]
+        outcome.layers = [layer for layer in outcome.layers if layer.kind == LayerKind.CONV]
     if policy == "measured":
         from .policy import keep_where_sparse_pays
 
@@ -276,8 +265,8 @@ def _apply_policy(policy: str, rpc, nodes, model, profile, result: PruneResult):
     result.policy = plans = plan_layers(model, profile)
     rate = nodes if nodes is not None else 0.5
     node_rates = {p.name: rate for p in plans if p.method == "nodes"}
-    weights = {kind: any(p.method == "weights" and p.kind == kind for p in plans) for kind in ("fc", "conv")}
-    return node_rates or None, weights["fc"], weights["conv"]
+    weights = {kind: any(p.method == "weights" and p.kind is kind for p in plans) for kind in LayerKind}
+    return node_rates or None, weights[LayerKind.FC], weights[LayerKind.CONV]
 
 
 # --------------------------------------------------------------------------- compile
@@ -286,14 +275,14 @@ def _apply_policy(policy: str, rpc, nodes, model, profile, result: PruneResult):
 @dataclass
 class CompileResult:
     executable: object  # tvm.runtime.Executable
-    layers: list  # passes.LayerDecision per dense / conv layer
+    layers: list[LayerDecision]  # per dense / conv layer
     names: list[str]  # each layer's ONNX weight initializer (its Relax name where unknown)
     target: object  # the TargetProfile
     output: str | None = None  # the library written, if any
 
     @property
     def sparse_layers(self) -> int:
-        return sum(d.kernel == "grouped-sparse" for d in self.layers)
+        return sum(d.kernel is KernelKind.SPARSE for d in self.layers)
 
     def rows(self) -> list[list]:
         return [[name, f"{d.shape[0]}x{d.shape[1]}", f"{1 - d.density:.3f}", d.group_width or "-",
@@ -310,7 +299,7 @@ def compile(model, output: str | os.PathLike | None = None, *, target="x86", mod
     ``mode="auto"``) go grouped-sparse; with ``output``, the shared library is written
     (all-or-nothing, cross-linked for a non-host target)."""
     from .api import compile_onnx, export_library
-    from .build import cross_linker
+    from .schedules.toolchains import cross_linker
     from .onnx_io import initializer_names
     from .targets import resolve_target
 
@@ -351,7 +340,10 @@ class TuneResult:
 
     @property
     def kernel_text(self) -> str:
-        return f"grouped-sparse g={self.best.group_width}" if self.kernel is KernelKind.SPARSE else str(self.kernel)
+        if self.kernel is KernelKind.SPARSE:
+            return f"grouped-sparse g={self.best.group_width}"
+        # beside meta_schedule's kernel, ours is named as such
+        return "dense (ours)" if self.kernel is KernelKind.DENSE else str(self.kernel)
 
     def row(self) -> list:
         if self.unit == "instructions":  # counted under qemu: no knobs besides g
@@ -498,7 +490,7 @@ def _tune_layer(name, task, profile, db, sparse_trials: int, dense_trials: int, 
     elif db.meta_schedule_wins(profile, task.n, task.k, task.batch):
         kernel = KernelKind.DENSE_META_SCHEDULE
     else:
-        kernel = KernelKind.DENSE_OURS
+        kernel = KernelKind.DENSE
     return TuneResult(name, (task.n, task.k), task.batch, best, secs,
                       db.dense_times(profile, task.n, task.k, task.batch), kernel, new, unit)
 

@@ -21,9 +21,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-INDEX_BYTES = 4  # int32 group-column indices and row pointers
-
-
 def num_group_cols(k: int, g: int) -> int:
     """How many groups (the last one possibly partial) one row of K inputs holds."""
     return -(-k // g)
@@ -111,8 +108,3 @@ class GroupedSparseMatrix:
         """Fraction of group slots kept."""
         n, k = self.shape
         return self.n_groups / float(n * num_group_cols(k, self.group_width))
-
-
-def sparse_nbytes(n_groups: int, n_rows: int, g: int) -> int:
-    """Bytes of a grouped-sparse matrix without building it (used for size tables)."""
-    return n_groups * (g * 4 + INDEX_BYTES) + (n_rows + 1) * INDEX_BYTES

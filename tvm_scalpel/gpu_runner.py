@@ -104,7 +104,7 @@ def undelta(arr: np.ndarray) -> np.ndarray:
 
 def pack_panels(w: np.ndarray, nr: int) -> np.ndarray:
     """``W[N, K]`` as the CPU dense kernel reads it: panels ``P[ceil(N/nr), K, nr]`` with
-    ``P[p, k, j] = W[p*nr + j, k]``, zero-padded (``schedules.x86.pack_dense_panels``)."""
+    ``P[p, k, j] = W[p*nr + j, k]``, zero-padded (``schedules.spec.pack_dense_panels``)."""
     n, k = w.shape
     panels = -(-n // nr)
     padded = np.zeros((panels * nr, k), np.float32)

@@ -32,7 +32,7 @@ from onnx import helper, numpy_helper
 
 from .checks import check_rate
 from .errors import ScalpelError
-from .onnx_io import MAX_IR_VERSION, to_relax
+from .onnx_io import MAX_IR_VERSION, constant_tensors, match_tensors, to_relax
 
 log = logging.getLogger("tvm_scalpel")
 
@@ -158,14 +158,6 @@ def prunable_layers(model: onnx.ModelProto) -> list[PrunableLayer]:
             if _feeds_a_layer(graph, layer.norm_output or layer.output, all_nodes)]
 
 
-def _unique(base: str, used: set[str]) -> str:
-    name, i = base, 1
-    while name in used:
-        name, i = f"{base}_{i}", i + 1
-    used.add(name)
-    return name
-
-
 def _finish(model: onnx.ModelProto) -> onnx.ModelProto:
     if model.ir_version > MAX_IR_VERSION:
         model.ir_version = MAX_IR_VERSION
@@ -198,7 +190,7 @@ def insert_masks(model: onnx.ModelProto, masks: Mapping[str, np.ndarray],
 
     out = normalize(model)  # a copy; shared constants copied per reader, Identity bypassed
     graph = out.graph
-    from .channel_groups import all_names
+    from .channel_groups import all_names, unique_name
 
     used = all_names(graph)
     for name, mask in masks.items():
@@ -210,11 +202,11 @@ def insert_masks(model: onnx.ModelProto, masks: Mapping[str, np.ndarray],
             arr = arr.reshape(layer.channels, 1, 1)
         point = layer.norm_output if position == "after_norm" and layer.norm_output else layer.output
         index, producer = next((i, n) for i, n in enumerate(graph.node) if point in n.output)
-        hidden = _unique(f"{point}.unmasked", used)
+        hidden = unique_name(f"{point}.unmasked", used)
         producer.output[list(producer.output).index(point)] = hidden
-        mask_name = _unique(f"{name}.mask", used)
+        mask_name = unique_name(f"{name}.mask", used)
         graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(arr), mask_name))
-        mul = helper.make_node("Mul", [hidden, mask_name], [point], name=_unique(f"{name}.mask_mul", used))
+        mul = helper.make_node("Mul", [hidden, mask_name], [point], name=unique_name(f"{name}.mask_mul", used))
         graph.node.insert(index + 1, mul)
     return _finish(out)
 
@@ -277,49 +269,14 @@ def masks_for_rate(importances: Mapping[str, np.ndarray],
 # --------------------------------------------------------------------------- masked nodes out
 
 
-def _const_tensors(graph: onnx.GraphProto):
-    """``(tensor name, array)`` of every initializer and ``Constant`` node output, in the order
-    the nodes first read them."""
-    inits = {i.name: i for i in graph.initializer}
-    constants = {n.output[0]: n for n in graph.node
-                 if n.op_type == "Constant" and _attr(n, "value") is not None}
-    seen: set[str] = set()
-    for node in graph.node:
-        for name in node.input:
-            if name in seen or not (name in inits or name in constants):
-                continue
-            seen.add(name)
-            tensor = inits[name] if name in inits else _attr(constants[name], "value")
-            yield name, numpy_helper.to_array(tensor)
-
-
-def _key(arr: np.ndarray):
-    return arr.dtype.str, arr.shape, np.ascontiguousarray(arr).tobytes()
-
-
 def _pair_constants(model: onnx.ModelProto, func) -> dict:
-    """Relax constant -> ``(tensor name, transposed)``. The importer keeps no names, so
-    constants are matched by content; equal contents pair in the order they are first read."""
+    """Relax constant -> ``(tensor name, transposed)``, matched by content
+    (``onnx_io.match_tensors``); equal contents pair in the order they are first read."""
     from .passes.graph import GraphIndex
 
-    relax_consts = GraphIndex(func).constants
-    slots: dict = {}
-    for name, arr in _const_tensors(model.graph):
-        slots.setdefault(_key(arr), deque()).append(name)
-    pairing: dict = {}
-    later = []
-    for const in relax_consts:
-        arr = const.value.numpy()
-        names = slots.get(_key(arr))
-        if names:
-            pairing[const] = (names.popleft(), False)
-        elif arr.ndim == 2:
-            later.append((const, arr))
-    for const, arr in later:
-        names = slots.get(_key(arr.T))
-        if names:
-            pairing[const] = (names.popleft(), True)
-    return pairing
+    relax_consts = list(GraphIndex(func).constants)
+    matches = match_tensors(constant_tensors(model.graph), [c.value.numpy() for c in relax_consts])
+    return {const: match for const, match in zip(relax_consts, matches) if match is not None}
 
 
 class _Writer:
@@ -392,9 +349,9 @@ class _Writer:
         if np.array_equal(new, shape):
             return
         if sum(node.input[1] in n.input for n in self.graph.node) > 1:  # shared: give it its own
-            from .channel_groups import all_names
+            from .channel_groups import all_names, unique_name
 
-            name = _unique(f"{node.input[1]}.pruned", all_names(self.graph))
+            name = unique_name(f"{node.input[1]}.pruned", all_names(self.graph))
             self.graph.initializer.append(numpy_helper.from_array(new, name))
             node.input[1] = name
         else:

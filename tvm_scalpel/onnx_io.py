@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections import deque
 from pathlib import Path
 from typing import Iterator
 
@@ -67,36 +68,68 @@ def with_batch(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
     return fixed
 
 
-def _float_matrices(model: onnx.ModelProto):
-    """Float initializers as matrices: 2-D ones as they are, conv kernels ``[O, C, KH, KW]``
-    unfolded to ``[O, C*KH*KW]`` (the matrix our passes prune)."""
+# ----------------------------------------------------------------------------------------------
+# Relax constants back to ONNX tensors. The Relax importer keeps no names, so arrays are matched
+# to tensors by content; this is the one place that does it (layer weights to initializers,
+# node removal's constants to initializers and Constant nodes).
+
+
+def _content_key(arr: np.ndarray):
+    return arr.dtype.str, arr.shape, np.ascontiguousarray(arr).tobytes()
+
+
+def match_tensors(tensors, arrays: list[np.ndarray]) -> list[tuple[str, bool] | None]:
+    """For each array, ``(name, transposed)`` of the tensor in ``tensors`` (``(name, array)``
+    pairs) that holds it, or None. An array matches a tensor with exactly its contents first,
+    else (a matrix) its transpose; each tensor goes to one array at most, and among equal
+    contents the arrays take the tensors in the order ``tensors`` lists them."""
+    slots: dict = {}
+    for name, arr in tensors:
+        slots.setdefault(_content_key(arr), deque()).append(name)
+    found: list[tuple[str, bool] | None] = [None] * len(arrays)
+    for transposed in (False, True):
+        for i, arr in enumerate(arrays):
+            if found[i] is not None or (transposed and arr.ndim != 2):
+                continue
+            names = slots.get(_content_key(arr.T if transposed else arr))
+            if names:
+                found[i] = (names.popleft(), transposed)
+    return found
+
+
+def constant_tensors(graph: onnx.GraphProto):
+    """``(tensor name, array)`` of every initializer and ``Constant`` node output, in the order
+    the nodes first read them."""
+    inits = {i.name: i for i in graph.initializer}
+    constants = {n.output[0]: n for n in graph.node if n.op_type == "Constant"
+                 and any(a.name == "value" for a in n.attribute)}
+    seen: set[str] = set()
+    for node in graph.node:
+        for name in node.input:
+            if name in seen or not (name in inits or name in constants):
+                continue
+            seen.add(name)
+            if name in inits:
+                tensor = inits[name]
+            else:
+                tensor = next(a.t for a in constants[name].attribute if a.name == "value")
+            yield name, numpy_helper.to_array(tensor)
+
+
+def _weight_matrices(model: onnx.ModelProto):
+    """``(name, matrix)`` of the float initializers that can hold a layer's weight: 2-D ones
+    as they are, conv kernels ``[O, C, KH, KW]`` unfolded to ``[O, C*KH*KW]`` (the matrix our
+    passes prune)."""
     for init in model.graph.initializer:
         if init.data_type == onnx.TensorProto.FLOAT and len(init.dims) in (2, 4):
             arr = numpy_helper.to_array(init)
-            yield init, arr.reshape(arr.shape[0], -1)
-
-
-def _orientation(arr: np.ndarray, w: np.ndarray) -> bool | None:
-    """True if ``arr`` holds ``w[N, K]`` transposed, False if as is, None if not at all."""
-    if arr.shape == w.shape and np.array_equal(arr, w):
-        return False
-    if arr.shape == w.T.shape and np.array_equal(arr, w.T):
-        return True
-    return None
+            yield init.name, arr.reshape(arr.shape[0], -1)
 
 
 def initializer_names(model: onnx.ModelProto, weights: list[np.ndarray]) -> list[str | None]:
-    """The initializer that holds each ``W[N, K]`` (as ``[N, K]`` or ``[K, N]``), or None.
-
-    The Relax importer does not keep initializer names, so layers are matched by content.
-    """
-    names: list[str | None] = [None] * len(weights)
-    for init, arr in _float_matrices(model):
-        for i, w in enumerate(weights):
-            if names[i] is None and _orientation(arr, w) is not None:
-                names[i] = init.name
-                break
-    return names
+    """The initializer that holds each ``W[N, K]`` (as ``[N, K]``, ``[K, N]`` or a conv kernel
+    unfolding to it), or None."""
+    return [None if m is None else m[0] for m in match_tensors(_weight_matrices(model), weights)]
 
 
 def replace_weights(model: onnx.ModelProto, pairs: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, int]:
@@ -105,16 +138,17 @@ def replace_weights(model: onnx.ModelProto, pairs: list[tuple[np.ndarray, np.nda
     or, for a conv layer, as the kernel ``[N, C, KH, KW]`` that unfolds to it.
     Returns ``{initializer name: index of the pair}``.
     """
+    inits = {init.name: init for init in model.graph.initializer}
     found: dict[str, int] = {}
-    for init, arr in _float_matrices(model):
-        for i, (orig, pruned) in enumerate(pairs):
-            transposed = None if i in found.values() else _orientation(arr, orig)
-            if transposed is None:
-                continue
-            new = (pruned.T if transposed else pruned).reshape(tuple(init.dims))
-            init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(new, np.float32), init.name))
-            found[init.name] = i
-            break
+    matches = match_tensors(_weight_matrices(model), [orig for orig, _ in pairs])
+    for i, ((_, pruned), match) in enumerate(zip(pairs, matches)):
+        if match is None:
+            continue
+        name, transposed = match
+        init = inits[name]
+        new = (pruned.T if transposed else pruned).reshape(tuple(init.dims))
+        init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(new, np.float32), name))
+        found[name] = i
     return found
 
 

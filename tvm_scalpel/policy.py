@@ -13,30 +13,32 @@ from dataclasses import dataclass
 
 import onnx
 
+from .kinds import LayerKind, Parallelism
 from .targets import TargetProfile
 
-RULES: dict[str, dict[str, str]] = {
-    "low": {"fc": "weights", "conv": "weights"},
-    "moderate": {"fc": "weights", "conv": "nodes"},
-    "high": {"fc": "nodes", "conv": "nodes"},
+FC, CONV = LayerKind.FC, LayerKind.CONV
+RULES: dict[Parallelism, dict[LayerKind, str]] = {
+    Parallelism.LOW: {FC: "weights", CONV: "weights"},
+    Parallelism.MODERATE: {FC: "weights", CONV: "nodes"},
+    Parallelism.HIGH: {FC: "nodes", CONV: "nodes"},
 }
 
 
 @dataclass(frozen=True)
 class LayerPlan:
     name: str  # the layer's weight initializer
-    kind: str  # "fc" or "conv"
+    kind: LayerKind
     method: str  # "weights", "nodes" or "none"
     note: str = ""
 
 
-def _weight_layers(model: onnx.ModelProto) -> list[tuple[str, str]]:
-    """``(weight initializer, "fc" | "conv")`` of every Gemm / MatMul / Conv, in node order."""
+def _weight_layers(model: onnx.ModelProto) -> list[tuple[str, LayerKind]]:
+    """``(weight initializer, kind)`` of every Gemm / MatMul / Conv, in node order."""
     inits = {i.name: i for i in model.graph.initializer}
     out = []
     for node in model.graph.node:
         if node.op_type in ("Gemm", "MatMul", "Conv") and len(node.input) > 1 and node.input[1] in inits:
-            kind = "conv" if node.op_type == "Conv" else "fc"
+            kind = CONV if node.op_type == "Conv" else FC
             out.append((node.input[1], kind))
     return out
 
@@ -62,7 +64,7 @@ def plan_layers(model: onnx.ModelProto, profile: TargetProfile) -> list[LayerPla
         if method == "nodes" and name in depthwise:
             note = "depthwise: follows the layer feeding it"
         elif method == "nodes" and name not in node_prunable:
-            method = "weights" if rules["fc"] == "weights" and kind == "fc" else "none"
+            method = "weights" if rules[FC] == "weights" and kind is FC else "none"
             note = "no next layer to shrink"
         plans.append(LayerPlan(name, kind, method, note))
     return plans

@@ -14,6 +14,7 @@ import tvm
 from tvm.target import codegen
 
 from .errors import ScalpelError
+from .kinds import Parallelism
 
 X86_TRIPLE = "x86_64-linux-gnu"
 
@@ -23,11 +24,21 @@ class TargetProfile:
     name: str
     target: tvm.target.Target
     simd_width: int  # fp32 lanes of one vector register
-    parallelism: str  # "low" | "moderate" | "high"
+    parallelism: Parallelism
 
     @property
     def kind(self) -> str:
         return str(self.target.kind.name)
+
+    @property
+    def triple(self) -> str:
+        """The LLVM target triple ("" for other kinds, or an LLVM target without one)."""
+        return str(self.target.attrs.get("mtriple", "")) if self.kind == "llvm" else ""
+
+    @property
+    def arch(self) -> str:
+        """The triple's architecture: ``x86_64``, ``aarch64``, ``thumbv7em``, ... ("" if none)."""
+        return self.triple.split("-")[0]
 
 
 def host_target() -> tvm.target.Target:
@@ -56,11 +67,12 @@ def _profile_of(name: str, target: tvm.target.Target) -> TargetProfile:
     if kind == "llvm":
         triple = str(target.attrs.get("mtriple", ""))
         low = triple.startswith(("thumb", "arm-none", "armv7m", "armv7em"))
-        return TargetProfile(name, target, llvm_simd_width(target), "low" if low else "moderate")
+        return TargetProfile(name, target, llvm_simd_width(target),
+                             Parallelism.LOW if low else Parallelism.MODERATE)
     if kind in ("cuda", "rocm", "vulkan", "metal", "opencl"):
-        return TargetProfile(name, target, 32, "high")  # a warp of fp32 lanes
+        return TargetProfile(name, target, 32, Parallelism.HIGH)  # a warp of fp32 lanes
     if kind == "c":
-        return TargetProfile(name, target, 1, "low")
+        return TargetProfile(name, target, 1, Parallelism.LOW)
     raise ScalpelError(f"unsupported target kind {kind!r}")
 
 

@@ -210,7 +210,7 @@ def time_kernel(profile: TargetProfile, func, arrays: list[np.ndarray], min_repe
 
     exe = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=profile.target)
     if rpc is not None:
-        from .build import cross_linker
+        from .schedules.toolchains import cross_linker
         from .remote import time_remote
 
         return time_remote(rpc, exe, arrays, cross_linker(profile), min_repeat_ms)
