@@ -20,6 +20,7 @@ from tvm_scalpel.decisions import LayerDecision
 from .conv_layers import ConvLayer, find_conv_layers
 from .dense_layers import DenseLayer, find_dense_layers
 from .fuse_dense_chains import FuseDenseChains
+from .mark_no_alias import MarkNoAlias
 from .pipeline import scalpel_pipeline
 from .prune_weights import PrunedLayer, PruneWeightGroups
 from .remove_masked_nodes import MaskedLayer, RemoveMaskedNodes
@@ -33,6 +34,7 @@ __all__ = [
     "DenseLayer",
     "find_dense_layers",
     "FuseDenseChains",
+    "MarkNoAlias",
     "PrunedLayer",
     "PruneWeightGroups",
     "LayerDecision",

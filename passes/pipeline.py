@@ -10,6 +10,7 @@ from tvm_scalpel.decisions import LayerDecision
 from tvm_scalpel.targets import resolve_target
 
 from .fuse_dense_chains import FuseDenseChains
+from .mark_no_alias import MarkNoAlias
 from .prune_weights import PruneWeightGroups
 from .rewrite_conv_layers import RewriteConvLayers
 from .rewrite_dense_layers import RewriteDenseLayers
@@ -28,7 +29,8 @@ def scalpel_pipeline(
     default_pipeline: tvm.transform.Pass | None = None,
 ) -> tvm.transform.Pass:
     """Prune (when ``rate`` is given), rewrite conv and dense layers to our kernels, fuse chains
-    (unless ``fuse=False``), then TVM's default Relax pipeline for the target. This is the one
+    (unless ``fuse=False``), then TVM's default Relax pipeline for the target, and
+    ``MarkNoAlias`` (keeps LLVM's no-alias guarantee for every kernel). This is the one
     place the passes are ordered: ``tvm_scalpel.compile`` / ``compile_onnx`` use it too.
 
     ``group_width`` defaults to the target's fp32 SIMD width. ``report`` collects one
@@ -47,4 +49,6 @@ def scalpel_pipeline(
     if fuse:
         passes.append(FuseDenseChains(profile))
     passes.append(default_pipeline or relax.get_default_pipeline(profile.target))
+    # after the default pipeline, which makes the VM's shape_func: see mark_no_alias.py
+    passes.append(MarkNoAlias())
     return tvm.transform.Sequential(passes, name="ScalpelPipeline")

@@ -330,7 +330,7 @@ def chain_kernel(specs: list[LayerSpec]) -> tirx.PrimFunc:
             raise ValueError(f"layer of {a.n} outputs cannot feed a layer of {b.k} inputs")
     with IRBuilder() as builder:
         with T.prim_func(private=True):
-            T.func_attr({"tir.noalias": True, "scalpel.layers": [s.to_attr() for s in specs]})
+            T.func_attr({"tirx.noalias": True, "scalpel.layers": [s.to_attr() for s in specs]})
             batch = tirx.Var("batch", "int64")
             x = T.arg("x", T.buffer((batch, specs[0].k), F32))
             operands = [[T.arg(f"{name}{i}", T.buffer(shape, dtype))
@@ -422,7 +422,7 @@ def patch_kernel(spec: LayerSpec, positions: int) -> tirx.PrimFunc:
     ``y`` is already NCHW). Operands as ``spec.operand_types()``, dense or grouped-sparse."""
     with IRBuilder() as builder:
         with T.prim_func(private=True):
-            T.func_attr({"tir.noalias": True})
+            T.func_attr({"tirx.noalias": True})
             batch = tirx.Var("batch", "int64")
             cols = T.arg("cols", T.buffer((batch, spec.k, positions), F32))
             operands = [T.arg(name, T.buffer(shape, dtype)) for name, shape, dtype in spec.operand_types()]
