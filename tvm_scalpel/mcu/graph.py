@@ -193,9 +193,11 @@ def read_chain(model: onnx.ModelProto) -> Chain:
             layers.append(reader.pool(node, shape, attrs))
         elif op == "Relu":
             if layers and layers[-1].op in ("dense", "conv", "maxpool", "avgpool") and not layers[-1].relu:
-                layers[-1].relu = True
-            else:
-                layers.append(Layer(label, "relu", shape, shape))
+                layers[-1].relu = True  # also across a reshape: ReLU is elementwise
+                current = node.output[0]
+                i += 1
+                continue
+            layers.append(Layer(label, "relu", shape, shape))
         elif op in ("Flatten", "Reshape"):
             target = (int(np.prod(shape)),)
             if op == "Reshape":

@@ -124,8 +124,10 @@ class McuProject:
         self.output = str(out_dir)
 
 
-def generate(model: onnx.ModelProto, mode: str = "auto", numerics: str = "fp32") -> McuProject:
-    """The project for ``model``, in memory: steps, memory plan and the files' text."""
+def generate(model: onnx.ModelProto, mode: str = "auto", numerics: str = "fp32",
+             calibration=None) -> McuProject:
+    """The project for ``model``, in memory: steps, memory plan and the files' text.
+    ``calibration`` (a Dataset) sets the q15 scales."""
     check_mode(mode)
     if numerics not in NUMERICS:
         raise ScalpelError(f"unknown numerics {numerics!r}: use one of {', '.join(NUMERICS)}")
