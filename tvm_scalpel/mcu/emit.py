@@ -50,15 +50,14 @@ def weights_h(steps: list[Step]) -> str:
 
 def _kernel_args(step: Step, x: str, y: str) -> list[tuple[str, str]]:
     """``(C parameter type, argument)`` in the kernel's parameter order (see kernels.py)."""
-    elem = step.io_ctype
-    args = [(f"{elem}*", x)]
-    weights = [a for a in step.arrays if a.role != "bias"]
+    args = [(f"{step.in_ctype}*", x)]
+    weights = [a for a in step.arrays if not a.role.startswith("bias")]
     args += [(f"{a.ctype}*", f"({a.ctype}*){a.symbol}") for a in weights]
     if step.layer.op in ("dense", "conv"):
-        bias = next((a for a in step.arrays if a.role == "bias"), None)
-        btype = bias.ctype if bias is not None else "float"
+        bias = next((a for a in step.arrays if a.role.startswith("bias")), None)
+        btype = step.bias_ctype
         args.append((f"{btype}*", f"({btype}*){bias.symbol}" if bias is not None else f"({btype}*)0"))
-    args.append((f"{elem}*", y))
+    args.append((f"{step.out_ctype}*", y))
     return args
 
 
@@ -68,7 +67,7 @@ def model_c(steps: list[Step], plan: MemoryPlan, elem: str = "float") -> str:
              '#include "model.h"', '#include "weights.h"', ""]
     calls = []
     for i, (step, slot) in enumerate(zip(steps, plan.slots)):
-        x = f"({elem}*)in" if slot.input_offset is None else f"scalpel_arena + {slot.input_offset}"
+        x = "(float*)in" if slot.input_offset is None else f"scalpel_arena + {slot.input_offset}"
         y = "out" if slot.output_offset is None else f"scalpel_arena + {slot.output_offset}"
         args = _kernel_args(step, x, y)
         lines.append(f"void {step.symbol}({', '.join(t for t, _ in args)});")

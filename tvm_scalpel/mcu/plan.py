@@ -33,8 +33,10 @@ def _aligned(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
-def plan_memory(sizes: list[tuple[int, int]]) -> MemoryPlan:
-    """``sizes``: ``(input elements, output elements)`` per layer, in order."""
+def plan_memory(sizes: list[tuple[int, int]], slack: int = 0) -> MemoryPlan:
+    """``sizes``: ``(input elements, output elements)`` per layer, in order. ``slack``: elements
+    past the end that a kernel may read but never uses (q15: a partial group's padding lanes,
+    which weigh 0)."""
     last = len(sizes) - 1
     need = []
     for i, (n_in, n_out) in enumerate(sizes):
@@ -50,4 +52,4 @@ def plan_memory(sizes: list[tuple[int, int]]) -> MemoryPlan:
             low = not low
         slots.append(Slot(previous, out_offset, need[i]))
         previous = out_offset
-    return MemoryPlan(arena, slots)
+    return MemoryPlan(arena + (_aligned(slack) if arena else 0), slots)

@@ -25,6 +25,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from .. import interrupts
@@ -37,7 +38,9 @@ from .steps import Step, make_step
 
 FORMAT = "tvm-scalpel-mcu/1"
 SOURCES = ["model.c", "weights.c", "kernels.c"]
-NUMERICS = ("fp32",)
+NUMERICS = ("fp32", "q15")
+CALIBRATION_SAMPLES = 512  # q15: training images the scales are taken from
+Q15_SLACK = 32  # arena elements a partial group (g <= 32) may read past an activation
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,8 @@ class McuProject:
     files: dict[str, str]  # relative path -> text
     numerics: str = "fp32"
     elem_bytes: int = 4
+    cflags: tuple[str, ...] = tuple(emit.CFLAGS)
+    scales: list | None = None  # q15: calibrate.LayerScales per layer
     output: str | None = None  # the folder, once written
 
     @property
@@ -102,7 +107,7 @@ class McuProject:
             "output": {"name": chain.output_name, "shape": list(chain.output_shape), "dtype": "float32"},
             "sources": SOURCES,
             "objects": [],
-            "cflags": emit.CFLAGS,
+            "cflags": list(self.cflags),
             "layers": [{"name": layer.name, "kind": layer.kind, "group_width": layer.group_width,
                         "flash_bytes": layer.flash_bytes, "ram_bytes": layer.ram_bytes}
                        for layer in self.layers],
@@ -132,19 +137,46 @@ def generate(model: onnx.ModelProto, mode: str = "auto", numerics: str = "fp32",
     if numerics not in NUMERICS:
         raise ScalpelError(f"unknown numerics {numerics!r}: use one of {', '.join(NUMERICS)}")
     chain = read_chain(model)
-    steps = [make_step(i, layer, mode) for i, layer in enumerate(chain.layers)]
-    plan = plan_memory([(s.layer.in_size, s.layer.out_size) for s in steps])
+    scales = None
+    if numerics == "q15":
+        from .steps_q15 import make_q15_steps
+
+        steps, scales = make_q15_steps(chain, _calibration_samples(chain, calibration), mode)
+        plan = plan_memory([(s.layer.in_size, s.layer.out_size) for s in steps], slack=Q15_SLACK)
+        elem, elem_bytes, cflags = "int16_t", 2, (*emit.CFLAGS, "-fno-strict-aliasing")
+    else:
+        steps = [make_step(i, layer, mode) for i, layer in enumerate(chain.layers)]
+        plan = plan_memory([(s.layer.in_size, s.layer.out_size) for s in steps])
+        elem, elem_bytes, cflags = "float", 4, tuple(emit.CFLAGS)
     source = kernels.generate_c({s.symbol: s.function for s in steps})
-    files = {
+    files = {}
+    if numerics == "q15":  # __smlad: arm_acle.h on the M4, a C definition elsewhere
+        from .kernels_q15 import DSP_HEADER
+
+        files["scalpel_dsp.h"] = DSP_HEADER
+        source = '#include "scalpel_dsp.h"\n' + source
+    files.update({
         "kernels.c": source,
         "weights.c": emit.weights_c(steps),
         "weights.h": emit.weights_h(steps),
-        "model.c": emit.model_c(steps, plan),
+        "model.c": emit.model_c(steps, plan, elem),
         "model.h": emit.model_h(chain.layers[0].in_size, chain.layers[-1].out_size),
-        "Makefile": emit.makefile(SOURCES, emit.CFLAGS),
-    }
+        "Makefile": emit.makefile(SOURCES, list(cflags)),
+    })
     files.update(tvm_headers(source))
-    return McuProject(chain, steps, plan, files, numerics)
+    return McuProject(chain, steps, plan, files, numerics, elem_bytes, cflags, scales)
+
+
+def _calibration_samples(chain: Chain, data):
+    """The first training images of ``data``, shaped as the model's input."""
+    if data is None:
+        raise ScalpelError("q15 needs calibration data")
+    x = data.x_train[:CALIBRATION_SAMPLES]
+    size = int(np.prod(chain.input_shape[1:]))
+    if x[0].size != size:
+        raise ScalpelError(f"{data.name}: samples of {x.shape[1:]} do not fit the model's input "
+                           f"{chain.input_shape[1:]}")
+    return x.reshape(len(x), *chain.input_shape[1:]).astype(np.float32)
 
 
 _INCLUDE = re.compile(r'^\s*#\s*include\s*[<"]([^>"]+)[>"]', re.MULTILINE)

@@ -51,7 +51,9 @@ class Step:
     arrays: list[ConstArray] = field(default_factory=list)
     group_width: int = 0
     density: float = 1.0
-    io_ctype: str = "float"  # the activations' C type
+    in_ctype: str = "float"  # C type of the activation read
+    out_ctype: str = "float"  # of the activation written
+    bias_ctype: str = "float"
 
     @property
     def flash_bytes(self) -> int:
@@ -131,6 +133,3 @@ def make_step(index: int, layer: Layer, mode: str) -> Step:
         return Step(layer, symbol, "pad", kernels.pad(layer.in_shape, layer.out_shape, layer.pads))
     raise ScalpelError(f"layer {layer.name}: no cortex-m4 kernel for {layer.op}")
 
-
-def has_bias_array(step: Step) -> bool:
-    return any(a.role == "bias" for a in step.arrays)
