@@ -347,6 +347,8 @@ def compile_mcu(model, output: str | os.PathLike | None = None, *, mode: str = "
     for value, what in ((flash_bytes, "flash bytes"), (ram_bytes, "RAM bytes")):
         if value is not None:
             check_count(value, what)
+    if output is not None and Path(output).suffix in (".so", ".dylib", ".dll"):
+        raise ScalpelError(f"{output}: a Cortex-M4 project is a folder, not a library; give a folder name")
     model = _as_model(model)
     calibration = load_data(data) if numerics == "q15" else None
     project = generate(model, mode=mode, numerics=numerics, calibration=calibration)
