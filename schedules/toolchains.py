@@ -28,7 +28,7 @@ def cross_linker(profile: TargetProfile | None):
         return None
     if arch not in CROSS_COMPILERS:
         raise ScalpelError(f"no shared library for {profile.triple}: a bare-metal target has no loader; "
-                           "use the kernels' object code instead")
+                           "compile --target cortex-m4 -o OUT_DIR writes a C project instead")
     compiler, package = CROSS_COMPILERS[arch]
     if shutil.which(compiler) is None:
         raise ScalpelError(f"{compiler} not found: install the Debian package {package} "

@@ -17,6 +17,7 @@ MODES: tuple[str, ...] = ("auto", "sparse", "dense")  # how compile lowers a den
 POLICIES: tuple[str, ...] = ("none", "rules", "measured")  # see policy.py
 NODE_CRITERIA: tuple[str, ...] = ("masks", "l1", "l2")  # see finetune.node_prune
 OPTIMIZERS: tuple[str, ...] = ("adam", "sgd")
+NUMERICS: tuple[str, ...] = ("fp32", "q15")  # a Cortex-M4 project's arithmetic
 AUTO = "auto"  # group_width="auto": each layer's fastest g in the tuning database
 
 

@@ -18,6 +18,7 @@ from .checks import (
     IMPORTANCES,
     MODES,
     NODE_CRITERIA,
+    NUMERICS,
     OPTIMIZERS,
     POLICIES,
     parse_group_width,
@@ -138,11 +139,37 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_compile(args: argparse.Namespace) -> int:
     from . import flows
+    from .targets import resolve_target
 
+    mcu_only = [f"--{name.replace('_', '-')}" for name in ("flash_bytes", "ram_bytes", "numerics")
+                if getattr(args, name) is not None]
+    if resolve_target(args.target).name == "cortex-m4":
+        return _compile_mcu(args)
+    if mcu_only:
+        raise ScalpelError(f"{', '.join(mcu_only)}: only with --target cortex-m4")
     result = flows.compile(args.model, args.output, target=args.target, mode=args.mode,
                            db=args.db, batch=args.batch)
     print(format_table(flows.COMPILE_HEADERS, result.rows()))
     print(f"{result.sparse_layers} of {len(result.layers)} dense layers went grouped-sparse; "
+          f"wrote {args.output}")
+    return 0
+
+
+def _compile_mcu(args: argparse.Namespace) -> int:
+    """--target cortex-m4: a C project folder, its size table printed."""
+    from . import flows
+    from .mcu.project import SIZE_HEADERS
+
+    for flag, given in (("--db", args.db), ("--batch", args.batch)):
+        if given is not None:
+            raise ScalpelError(f"{flag} is not taken with --target cortex-m4 (one sample per call)")
+    project = flows.compile_mcu(args.model, args.output, mode=args.mode, flash_bytes=args.flash_bytes,
+                                ram_bytes=args.ram_bytes, numerics=args.numerics or "fp32",
+                                data=args.data)
+    print(format_table(SIZE_HEADERS, project.rows()))
+    sparse = sum("grouped-sparse" in layer.kind for layer in project.layers)
+    print(f"{sparse} of {len(project.layers)} layers grouped-sparse; flash {project.flash_bytes} bytes "
+          f"(constants), RAM {project.ram_bytes} bytes (activations), {project.numerics}; "
           f"wrote {args.output}")
     return 0
 
@@ -321,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compile", help="compile to a shared library, sparse layers grouped-sparse")
     c.add_argument("model", help="input ONNX model (pruned or not)")
-    c.add_argument("-o", "--output", required=True, help="library to write (.so)")
+    c.add_argument("-o", "--output", required=True,
+                   help="library to write (.so); with --target cortex-m4, the C project folder")
     c.add_argument("--target", default="x86", help=target_help)
     c.add_argument("--mode", choices=list(MODES), default="auto",
                    help="auto: sparse only where the cost model says it pays (default)")
@@ -329,6 +357,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "(and meta_schedule's dense kernels where they won, with --batch)")
     c.add_argument("--batch", type=parse_positive, default=None,
                    help="fix the batch size (default: any batch at run time)")
+    c.add_argument("--flash-bytes", type=parse_positive, default=None, metavar="N",
+                   help="cortex-m4: refuse (writing nothing) a model whose constants exceed N bytes")
+    c.add_argument("--ram-bytes", type=parse_positive, default=None, metavar="N",
+                   help="cortex-m4: refuse a model whose activation arena exceeds N bytes")
+    c.add_argument("--numerics", choices=list(NUMERICS), default=None,
+                   help="cortex-m4: fp32 (default) or q15 (int16, per-layer scales from --data)")
+    c.add_argument("--data", default=None,
+                   help="cortex-m4 q15: calibration data (default: the MNIST sample)")
     c.set_defaults(func=cmd_compile)
 
     r = sub.add_parser("run", help="run a compiled library on a .npy input")

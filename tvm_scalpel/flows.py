@@ -321,6 +321,32 @@ def compile(model, output: str | os.PathLike | None = None, *, target="x86", mod
                          None if output is None else str(output))
 
 
+def compile_mcu(model, output: str | os.PathLike | None = None, *, mode: str = "auto",
+                flash_bytes: int | None = None, ram_bytes: int | None = None,
+                numerics: str = "fp32", data=None):
+    """``tvm-scalpel compile --target cortex-m4 -o OUT_DIR`` in one call: a self-contained C
+    project for the Cortex-M4F (``mcu.project``: one TVM-generated function per layer, the
+    weights as const arrays, grouped-sparse where pruned, a static memory plan). Returns the
+    ``McuProject`` (its ``rows()``: flash and RAM bytes per layer and in total); with
+    ``output``, the folder is written, all or nothing. A model over ``flash_bytes`` /
+    ``ram_bytes`` is an error and writes nothing. ``data`` (q15): the calibration data (None:
+    the MNIST sample)."""
+    from .mcu.project import generate
+
+    for value, what in ((flash_bytes, "flash bytes"), (ram_bytes, "RAM bytes")):
+        if value is not None:
+            check_count(value, what)
+    if output is not None and Path(output).suffix in (".so", ".dylib", ".dll"):
+        raise ScalpelError(f"{output}: a Cortex-M4 project is a folder, not a library; give a folder name")
+    model = _as_model(model)
+    calibration = load_data(data) if numerics == "q15" else None
+    project = generate(model, mode=mode, numerics=numerics, calibration=calibration)
+    project.check_budget(flash_bytes, ram_bytes)
+    if output is not None:
+        project.write(output)
+    return project
+
+
 # --------------------------------------------------------------------------- tune
 
 

@@ -76,7 +76,12 @@ def discard_temp(path: str) -> None:
 def _hard_exit() -> None:
     for path in list(_temps):
         try:
-            os.unlink(path)
+            if os.path.isdir(path) and not os.path.islink(path):  # a project folder being written
+                import shutil
+
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.unlink(path)
         except OSError:
             pass
     report()
