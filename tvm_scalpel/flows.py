@@ -359,7 +359,7 @@ def compile(model, output: str | os.PathLike | None = None, *, target="x86", mod
     from .graph_cut import cut_at, importable_part
 
     cut = None
-    if outputs:
+    if outputs is not None:
         cut = cut_at(model, outputs)
         model = cut.model
     else:

@@ -297,7 +297,7 @@ def cut_at(model: onnx.ModelProto, names, keep_rest: bool = False) -> Cut:
 def for_tvm(model: onnx.ModelProto, outputs=None, keep_rest: bool = True) -> Cut | None:
     """The cut ``prune`` / ``compile`` work on: at ``outputs`` when given, else automatically
     before what TVM cannot import (None when it imports the whole model)."""
-    if outputs:
+    if outputs is not None:
         return cut_at(model, outputs, keep_rest=keep_rest)
     return importable_part(model)
 
@@ -312,6 +312,22 @@ def _dims(t: onnx.TypeProto | None) -> list | None:
             for d in t.tensor_type.shape.dim]
 
 
+def _inferred(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
+    """Tensor types as the nodes compute them: the shapes the graph declares for its outputs
+    and intermediate tensors (those of the model before pruning) left out."""
+    bare = onnx.ModelProto()
+    bare.CopyFrom(model)
+    del bare.graph.value_info[:]
+    for out in bare.graph.output:
+        if out.type.HasField("tensor_type"):
+            out.type.tensor_type.ClearField("shape")
+    try:
+        inferred = onnx.shape_inference.infer_shapes(bare)
+    except Exception:
+        return {}
+    return {vi.name: vi.type for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
+
+
 def _check_ends(cut: Cut, pruned: onnx.ModelProto) -> None:
     """Every tensor the rest of the graph reads keeps its type and shape."""
     names = {o.name for o in pruned.graph.output}
@@ -319,7 +335,7 @@ def _check_ends(cut: Cut, pruned: onnx.ModelProto) -> None:
     if missing:
         raise ScalpelError(f"the pruned part no longer ends at {', '.join(missing)}: cannot put "
                            "it back into the original graph")
-    before, after = _types(cut.model), _types(pruned)
+    before, after = _types(cut.model), _inferred(pruned)
     readers = {}
     for node in cut.left_out:
         for name in _reads(node):
