@@ -313,3 +313,21 @@ def test_a_removed_channel_reaching_the_post_processing_is_refused():
                                    "intercepts2": arrays["intercepts2"][:, :4]})
     with pytest.raises(ScalpelError, match="probabilities.*ZipMap"):
         write_back(model, cut, shrunk)
+
+
+def test_accuracy_needs_the_class_scores_named(rng):
+    from helpers import separable_data
+
+    from tvm_scalpel.data import Dataset
+
+    model = skl2onnx_mlp(seed=1)
+    x, y = separable_data(rng, 200, SIZES[0], SIZES[-1])
+    data = Dataset(x[:160], y[:160], x[160:], y[160:], "clusters")
+    with pytest.raises(ScalpelError, match="--outputs add_result2"):
+        flows.prune(model, 0.5, data=data)
+    result = flows.prune(model, 0.5, group_width=G, data=data, outputs="add_result2")
+    assert result.accuracy_before is not None and result.accuracy_after is not None
+    check_post_processing_kept(model, result.model)
+    # the accuracy printed is that of the written model, as onnxruntime runs it
+    labels, _ = ort_classify(result.model, data.x_test)
+    assert result.accuracy_after == pytest.approx(float((labels == data.y_test).mean()), abs=1e-9)

@@ -221,6 +221,14 @@ def prune(model, rate: float = 0.9, *, target="x86", group_width: int | str | No
     if wants_data or data is not None:
         from .finetune import accuracy, fit_data
 
+        if cut is not None and len(cut.model.graph.output) != 1:
+            from .graph_cut import class_scores
+
+            scores = class_scores(cut)
+            raise ScalpelError("accuracy and fine-tuning need one output, the class scores; the "
+                               f"part of this model TVM imports ends at {', '.join(cut.outputs)}: "
+                               "name the scores with --outputs"
+                               + (f" (the input of the softmax: --outputs {scores})" if scores else ""))
         result.data = load_data(data)
         fit_data(model, result.data)  # shape check before any long work
         result.accuracy_before = accuracy(model, result.data)
@@ -450,7 +458,11 @@ def tune(model, db: str | os.PathLike, *, target="x86", rate: float = 0.9, batch
         connect(rpc).cpu()  # a server that is down is an error before any work
         measure_fn = partial(measure, rpc=rpc)
     name = name or (str(model) if isinstance(model, (str, os.PathLike)) else "the model")
-    shapes = dense_layer_shapes(_as_model(model))
+    model = _as_model(model)
+    from .graph_cut import importable_part
+
+    cut = importable_part(model)  # post-processing TVM cannot import has no dense layer to tune
+    shapes = dense_layer_shapes(model if cut is None else cut.model)
     if not shapes:
         raise ScalpelError(f"{name}: no dense layer to tune")
     database = TuningDatabase(db)

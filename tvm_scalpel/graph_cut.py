@@ -130,6 +130,15 @@ def _why_not(node: onnx.NodeProto, ops: set[str], types: dict[str, onnx.TypeProt
     return None
 
 
+def _may_make_non_tensors(model: onnx.ModelProto) -> bool:
+    """Whether a standard op of the graph may make a sequence or an optional (only then are
+    types worth inferring: shape inference of a large model takes seconds)."""
+    if any(o.type.WhichOneof("value") not in (None, "tensor_type") for o in model.graph.output):
+        return True
+    return any("Sequence" in n.op_type or n.op_type.startswith("Optional")
+               or any(True for _ in _subgraphs(n)) for n in model.graph.node)
+
+
 def _types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
     """The type of every tensor onnx's shape inference can tell (the graph's own first)."""
     try:
@@ -234,8 +243,10 @@ def importable_part(model: onnx.ModelProto) -> Cut | None:
     """The model cut before the first node TVM's importer cannot take (and everything that
     depends on it); None when TVM takes the whole graph. The cut ends at every tensor the
     nodes left out (or the model's outputs) read from it."""
-    ops, types = _convert_map(), _types(model)
-    graph = model.graph
+    ops, graph = _convert_map(), model.graph
+    if not _may_make_non_tensors(model) and all(_why_not(n, ops, {}) is None for n in graph.node):
+        return None  # TVM takes every node: no need to infer types
+    types = _types(model)
     available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
     part: set[int] = set()
     stop = None
@@ -300,6 +311,13 @@ def for_tvm(model: onnx.ModelProto, outputs=None, keep_rest: bool = True) -> Cut
     if outputs is not None:
         return cut_at(model, outputs, keep_rest=keep_rest)
     return importable_part(model)
+
+
+def class_scores(cut: Cut) -> str | None:
+    """The tensor a classifier's softmax reads in the cut part (the class scores a trainer
+    needs as the output), if there is one."""
+    soft = [n for n in cut.model.graph.node if n.op_type in ("Softmax", "LogSoftmax")]
+    return soft[-1].input[0] if soft else None
 
 
 # --------------------------------------------------------------------------- putting it back
