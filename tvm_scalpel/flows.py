@@ -211,6 +211,8 @@ def prune(model, rate: float = 0.9, *, target="x86", group_width: int | str | No
     cut = for_tvm(model, outputs, keep_rest=write_back)
     if cut is not None:
         model = cut.model
+    elif not write_back:
+        log.warning("TVM imports the whole model and no --outputs were given: nothing cut")
     result = PruneResult(model, profile, importance, cut=cut,
                          written_back=cut is not None and write_back,
                          original=original if cut is not None else None)

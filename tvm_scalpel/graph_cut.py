@@ -121,7 +121,8 @@ def _why_not(node: onnx.NodeProto, ops: set[str], types: dict[str, onnx.TypeProt
     for out in node.output:
         t = types.get(out)
         if out and t is not None and not t.HasField("tensor_type"):
-            return f"its output {out} is a {t.WhichOneof('value')}, not a tensor"
+            kind = t.WhichOneof("value").removesuffix("_type")
+            return f"its output {out} is a {kind}, not a tensor"
     for g in _subgraphs(node):
         for inner in g.node:
             why = _why_not(inner, ops, {})
