@@ -331,3 +331,38 @@ def test_accuracy_needs_the_class_scores_named(rng):
     # the accuracy printed is that of the written model, as onnxruntime runs it
     labels, _ = ort_classify(result.model, data.x_test)
     assert result.accuracy_after == pytest.approx(float((labels == data.y_test).mean()), abs=1e-9)
+
+
+def test_a_weight_the_post_processing_reads_too_stays_unpruned_there():
+    """A constant read by the pruned part and by a node TVM cannot import: the part reads the
+    pruned copy, the other node the original (under a name of its own)."""
+    rng = np.random.default_rng(7)
+    w1 = rng.standard_normal((32, 48)).astype(np.float32)
+    w2 = rng.standard_normal((48, 16)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+         helper.make_node("Relu", ["h"], ["r"], name="relu"),
+         helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2"),
+         helper.make_node("Explain", ["y", "w2"], ["why"], name="explain", domain="com.example")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 16]),
+         helper.make_tensor_value_info("why", TensorProto.FLOAT, [None, 16])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                    helper.make_opsetid("com.example", 1)])
+    model.ir_version = IR_VERSION
+    result = flows.prune(model, 0.5, group_width=G)
+    assert result.cut.stop.name == "explain" and result.cut.outputs == ["y"]
+    written = result.model
+    arrays = inits(written)
+    explain = next(n for n in written.graph.node if n.op_type == "Explain")
+    fc2 = next(n for n in written.graph.node if n.name == "fc2")
+    assert fc2.input[1] == "w2" and explain.input[1] != "w2"
+    np.testing.assert_array_equal(arrays["w2"], ref_prune(w2.T, G, 0.5)[0].T)
+    np.testing.assert_array_equal(arrays[explain.input[1]], w2)
+    np.testing.assert_array_equal(arrays["w1"], ref_prune(w1.T, G, 0.5)[0].T)
+    x = rng.standard_normal((5, 32)).astype(np.float32)
+    sess = ort.InferenceSession(result.part.SerializeToString(), providers=["CPUExecutionProvider"])
+    y = sess.run(None, {"x": x})[0]
+    ref = np.maximum(x.astype(np.float64) @ arrays["w1"], 0) @ arrays["w2"]
+    assert rel_err(y, ref) < 1e-5
