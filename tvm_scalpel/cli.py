@@ -63,11 +63,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
             conv_rate=args.conv_rate, nodes=args.nodes, nodes_criterion=args.nodes_criterion,
             policy=args.policy, rpc=args.rpc, db=args.db, fine_tune=args.fine_tune,
             max_accuracy_drop=args.max_accuracy_drop, mask_epochs=args.mask_epochs,
-            data=args.data, training=_training(args), strict=args.strict)
+            data=args.data, training=_training(args), strict=args.strict,
+            outputs=args.outputs, write_back=not args.cut_only)
     except flows.NoRateFound as err:
         _print_prune_steps(err.result)
         raise
     _print_prune_steps(result)
+    if result.cut is not None:
+        print(result.cut_summary())
     if result.weights is None:
         save_onnx(result.model, args.output)
         _print_prune_accuracies(result, "after pruning")
@@ -148,7 +151,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if mcu_only:
         raise ScalpelError(f"{', '.join(mcu_only)}: only with --target cortex-m4")
     result = flows.compile(args.model, args.output, target=args.target, mode=args.mode,
-                           db=args.db, batch=args.batch)
+                           db=args.db, batch=args.batch, outputs=args.outputs)
+    if result.cut is not None:
+        print(result.cut.summary(written_back=False))
     print(format_table(flows.COMPILE_HEADERS, result.rows()))
     print(f"{result.sparse_layers} of {len(result.layers)} dense layers went grouped-sparse; "
           f"wrote {args.output}")
@@ -206,10 +211,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             vm = load_library(args.model)
             signature = library_signature(vm)
             if signature is not None:  # refuse before running, when the library says how many
-                _check_output_count(args.output, [t.name for t in signature.outputs])
+                names = [t.name for t in signature.outputs]
+                if args.outputs is not None:
+                    names = list(_select_outputs(dict.fromkeys(names), args.outputs))
+                _check_output_count(args.output, names)
             outputs = run_library_outputs(vm, x)
     except ScalpelError as err:
         raise ScalpelError(f"{path}: {err}" if str(err).startswith("input ") else str(err)) from None
+    if args.outputs is not None:
+        outputs = _select_outputs(outputs, args.outputs)
     _check_output_count(args.output, list(outputs))
     with atomic_output(args.output) as tmp:
         with open(tmp, "wb") as f:
@@ -249,6 +259,17 @@ def _run_mcu(args: argparse.Namespace, path: Path, x) -> int:
         print(f"instructions per call ranged from {low} to {high} over {result.calls} calls "
               "(the line above is their mean)")
     return 0
+
+
+def _select_outputs(outputs: dict, wanted: str) -> dict:
+    from .graph_cut import parse_outputs
+
+    names = parse_outputs(wanted)
+    unknown = [n for n in names if n not in outputs]
+    if unknown:
+        raise ScalpelError(f"--outputs: the library has no output named {unknown[0]!r}; its "
+                           f"outputs are {', '.join(outputs)}")
+    return {n: outputs[n] for n in names}
 
 
 def _check_output_count(output: str, names: list[str]) -> None:
@@ -313,6 +334,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true",
                    help="node pruning: a layer that cannot be pruned is an error (default: it "
                         "stays whole, with a warning)")
+    p.add_argument("--outputs", default=None, metavar="NAME[,NAME]",
+                   help="prune the graph from its inputs to these tensors only (default: all of "
+                        "it, or, when TVM cannot import its post-processing, up to the first "
+                        "node TVM cannot take); the pruned part is written back into the whole "
+                        "original graph unless --cut-only")
+    p.add_argument("--cut-only", action="store_true",
+                   help="write only the part pruned (inputs to --outputs, or to where TVM stops), "
+                        "not the whole original graph")
     p.add_argument("--mask-epochs", type=parse_positive, default=3, help="epochs of mask-layer training")
     p.add_argument("--fine-tune", type=parse_non_negative, default=0, metavar="EPOCHS",
                    help="fine-tune after pruning, pruned weights kept at zero (needs data)")
@@ -365,6 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cortex-m4: fp32 (default) or q15 (int16, per-layer scales from --data)")
     c.add_argument("--data", default=None,
                    help="cortex-m4 q15: calibration data (default: the MNIST sample)")
+    c.add_argument("--outputs", default=None, metavar="NAME[,NAME]",
+                   help="compile the graph from its inputs to these tensors only (for models "
+                        "whose post-processing TVM cannot import)")
     c.set_defaults(func=cmd_compile)
 
     r = sub.add_parser("run", help="run a compiled library on a .npy input")
@@ -380,6 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--timeout", type=parse_seconds, default=None, metavar="SECONDS",
                    help="Cortex-M4 project: stop qemu after this long (default: 60 s + 1 s "
                         "per input row)")
+    r.add_argument("--outputs", default=None, metavar="NAME[,NAME]",
+                   help="write only these of the library's outputs (by ONNX name)")
     r.set_defaults(func=cmd_run)
     return parser
 

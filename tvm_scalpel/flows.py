@@ -101,6 +101,14 @@ class PruneResult:
     accuracy_after: float | None = None  # of ``model``
     fine_tuned: bool = False
     data: object | None = None  # the Dataset used, if any
+    cut: object | None = None  # graph_cut.Cut: the part pruned, when TVM cannot import it all
+    part: onnx.ModelProto | None = None  # that part, pruned (``model`` holds it written back)
+    written_back: bool = False  # ``model`` is the original graph with the pruned part put back
+    original: onnx.ModelProto | None = None  # the input model, when it was cut
+
+    def cut_summary(self) -> str | None:
+        """Where the graph was cut and what was kept; None when it was pruned whole."""
+        return None if self.cut is None else self.cut.summary(self.written_back)
 
     def node_rows(self) -> list[list]:
         if self.nodes is None:
@@ -155,14 +163,21 @@ def prune(model, rate: float = 0.9, *, target="x86", group_width: int | str | No
           nodes_criterion: str | None = None, policy: str = "none", rpc: str | None = None,
           db: str | os.PathLike | None = None, fine_tune: int = 0,
           max_accuracy_drop: float | None = None, mask_epochs: int = 3, data=None,
-          training: Training = Training(), strict: bool = False) -> PruneResult:
+          training: Training = Training(), strict: bool = False, outputs=None,
+          write_back: bool = True) -> PruneResult:
     """``tvm-scalpel prune`` in one call: the policy's plan (``policy="rules"`` / ``"measured"``),
     node pruning (``nodes``), the rate search (``max_accuracy_drop``), SIMD-aware weight pruning
     at ``rate`` (``group_width``: the target's SIMD width by default, ``"auto"`` from the tuning
     database ``db``), the measured policy's undoing where sparse does not pay, and fine-tuning
     (``fine_tune`` epochs). ``strict``: a layer node pruning cannot shrink is an error, not a
     warning. ``data`` (a Dataset, a path, or None for the MNIST sample where data
-    is needed) gives the accuracies. The model is returned, not written."""
+    is needed) gives the accuracies. The model is returned, not written.
+
+    A model TVM cannot import whole (post-processing such as skl2onnx's ``ZipMap``) is pruned
+    up to the first node TVM cannot take, or up to the tensors ``outputs`` names ("a,b" or a
+    list); with ``write_back`` (the default) the pruned part is then put back in front of the
+    untouched rest of the original graph, else only the part is returned
+    (``graph_cut``; ``result.cut_summary()`` says what was cut and kept)."""
     from .targets import resolve_target
 
     check_rate(rate)
@@ -179,7 +194,17 @@ def prune(model, rate: float = 0.9, *, target="x86", group_width: int | str | No
         check_choice(nodes_criterion, NODE_CRITERIA, "node pruning criterion")
     profile = resolve_target(target)
     model = _as_model(model)
-    result = PruneResult(model, profile, importance)
+    original = model
+    from .graph_cut import for_tvm
+
+    cut = for_tvm(model, outputs, keep_rest=write_back)
+    if cut is not None:
+        model = cut.model
+    elif not write_back:
+        log.warning("TVM imports the whole model and no --outputs were given: nothing cut")
+    result = PruneResult(model, profile, importance, cut=cut,
+                         written_back=cut is not None and write_back,
+                         original=original if cut is not None else None)
     node_rates, weights, conv_weights = _apply_policy(policy, rpc, nodes, model, profile, result)
     conv_rate = conv_rate if conv_rate is not None else (rate if conv_weights else None)
     criterion = nodes_criterion or ("masks" if data is not None else "l1")
@@ -187,6 +212,14 @@ def prune(model, rate: float = 0.9, *, target="x86", group_width: int | str | No
     if wants_data or data is not None:
         from .finetune import accuracy, fit_data
 
+        if cut is not None and len(cut.model.graph.output) != 1:
+            from .graph_cut import class_scores
+
+            scores = class_scores(cut)
+            raise ScalpelError("accuracy and fine-tuning need one output, the class scores; the "
+                               f"part of this model TVM imports ends at {', '.join(cut.outputs)}: "
+                               "name the scores with --outputs"
+                               + (f" (the input of the softmax: --outputs {scores})" if scores else ""))
         result.data = load_data(data)
         fit_data(model, result.data)  # shape check before any long work
         result.accuracy_before = accuracy(model, result.data)
@@ -246,7 +279,13 @@ def _finish(result: PruneResult, model: onnx.ModelProto, data) -> PruneResult:
     if data is not None:
         from .finetune import accuracy
 
-        result.accuracy_after = accuracy(model, data)
+        result.accuracy_after = accuracy(model, data)  # on the part TVM imports
+    if result.cut is not None:
+        result.part = model
+        if result.written_back:
+            from .graph_cut import write_back
+
+            result.model = write_back(result.original, result.cut, model)
     return result
 
 
@@ -279,6 +318,7 @@ class CompileResult:
     names: list[str]  # each layer's ONNX weight initializer (its Relax name where unknown)
     target: object  # the TargetProfile
     output: str | None = None  # the library written, if any
+    cut: object | None = None  # graph_cut.Cut: the part compiled (``outputs``), if cut
 
     @property
     def sparse_layers(self) -> int:
@@ -294,10 +334,13 @@ COMPILE_HEADERS = ["layer", "shape (NxK)", "zeros", "g", "kernel", "est. speedup
 
 
 def compile(model, output: str | os.PathLike | None = None, *, target="x86", mode: str = "auto",
-            db: str | os.PathLike | None = None, batch: int | None = None) -> CompileResult:
+            db: str | os.PathLike | None = None, batch: int | None = None,
+            outputs=None) -> CompileResult:
     """``tvm-scalpel compile`` in one call: layers whose zeros form groups (and pay, in
     ``mode="auto"``) go grouped-sparse; with ``output``, the shared library is written
-    (all-or-nothing, cross-linked for a non-host target)."""
+    (all-or-nothing, cross-linked for a non-host target). ``outputs`` ("a,b" or a list of
+    tensor names) compiles the graph from its inputs to those tensors only: the way to
+    compile a model whose post-processing TVM cannot import (``graph_cut.cut_at``)."""
     from .api import compile_onnx, export_library
     from .schedules.toolchains import cross_linker
     from .onnx_io import initializer_names
@@ -312,13 +355,27 @@ def compile(model, output: str | os.PathLike | None = None, *, target="x86", mod
     if output is not None:
         cross_linker(profile)  # a missing cross compiler is an error before minutes of compiling
     model = _as_model(model)
+    from .graph_cut import cut_at, importable_part
+
+    cut = None
+    if outputs is not None:
+        cut = cut_at(model, outputs)
+        model = cut.model
+    else:
+        auto = importable_part(model)
+        if auto is not None:  # a library cannot hold what TVM cannot import: say where to cut
+            from .graph_cut import label
+
+            raise ScalpelError(f"TVM cannot import {label(auto.stop)} "
+                               f"(and what follows it): compile the part in front of it with "
+                               f"--outputs {','.join(auto.outputs)}")
     outcome = compile_onnx(model, profile, mode=mode, tuning_db=db, batch=batch)
     if output is not None:
         export_library(outcome.executable, output, profile)
     names = initializer_names(model, [d.weight for d in outcome.layers])
     return CompileResult(outcome.executable, outcome.layers,
                          [name or d.name for d, name in zip(outcome.layers, names)], profile,
-                         None if output is None else str(output))
+                         None if output is None else str(output), cut)
 
 
 def compile_mcu(model, output: str | os.PathLike | None = None, *, mode: str = "auto",
@@ -461,7 +518,11 @@ def tune(model, db: str | os.PathLike, *, target="x86", rate: float = 0.9, batch
         connect(rpc).cpu()  # a server that is down is an error before any work
         measure_fn = partial(measure, rpc=rpc)
     name = name or (str(model) if isinstance(model, (str, os.PathLike)) else "the model")
-    shapes = dense_layer_shapes(_as_model(model))
+    model = _as_model(model)
+    from .graph_cut import importable_part
+
+    cut = importable_part(model)  # post-processing TVM cannot import has no dense layer to tune
+    shapes = dense_layer_shapes(model if cut is None else cut.model)
     if not shapes:
         raise ScalpelError(f"{name}: no dense layer to tune")
     database = TuningDatabase(db)
