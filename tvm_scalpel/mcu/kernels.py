@@ -225,21 +225,23 @@ def relu(size: int) -> tirx.PrimFunc:
     return f
 
 
-def pad(in_shape, out_shape, pads) -> tirx.PrimFunc:
-    """Zero border around each channel (the padding of the conv layer that follows)."""
+def pad(in_shape, out_shape, pads, dtype: str = "float32") -> tirx.PrimFunc:
+    """Zero border around each channel (the padding of the conv layer that follows); ``dtype``
+    is the activations' type (float32, or int16 for q15)."""
     ch, h, wd = in_shape
     _, ph, pw = out_shape
     top, left = pads[0], pads[1]
+    zero = tirx.const(0, dtype)
 
     @T.prim_func(private=True, s_tir=True)
-    def f(x_ptr: T.handle("float32"), y_ptr: T.handle("float32")):
+    def f(x_ptr: T.handle(dtype), y_ptr: T.handle(dtype)):
         T.func_attr({"tirx.noalias": True})
-        x = T.decl_buffer((ch * h * wd,), "float32", data=x_ptr)
-        y = T.decl_buffer((ch * ph * pw,), "float32", data=y_ptr)
+        x = T.decl_buffer((ch * h * wd,), dtype, data=x_ptr)
+        y = T.decl_buffer((ch * ph * pw,), dtype, data=y_ptr)
         for o, r, c in T.grid(ch, ph, pw):
             y[(o * ph + r) * pw + c] = T.if_then_else(
                 r >= top and r < top + h and c >= left and c < left + wd,
-                x[(o * h + r - top) * wd + c - left], T.float32(0))
+                x[(o * h + r - top) * wd + c - left], zero)
 
     return f
 

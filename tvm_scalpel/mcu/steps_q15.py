@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import kernels
 from . import kernels_q15 as kq
 from .calibrate import LayerScales, calibrate, quantize
 from .graph import Chain, Layer
@@ -83,7 +84,7 @@ def make_q15_steps(chain: Chain, samples: np.ndarray, mode: str) -> tuple[list[S
         elif layer.op == "relu":
             steps.append(_q_step(layer, symbol, "relu", kq.relu(layer.in_size)))
         else:
-            steps.append(_q_step(layer, symbol, "pad", kq.pad(layer.in_shape, layer.out_shape, layer.pads)))
+            steps.append(_q_step(layer, symbol, "pad", kernels.pad(layer.in_shape, layer.out_shape, layer.pads, "int16")))
     exit_ = Layer("dequantize", "dequantize", last.out_shape, last.out_shape)
     steps.append(Step(exit_, "scalpel_dequantize", "dequantize (q15 -> float)",
                       kq.dequantize(last.out_size, scales[-1].out_bits), in_ctype=I16, out_ctype="float"))
