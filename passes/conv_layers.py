@@ -7,8 +7,9 @@ nothing else reads the intermediate result.
 
 For the kernels (``kernels=True``, what ``RewriteConvLayers`` asks for) a layer also takes
 grouped and depthwise convolutions, folds an inference ``nn.batch_norm`` with constant
-statistics into its weight and bias, and absorbs a residual ``add`` of another tensor of the
-output's shape (ResNet's ``Conv -> BatchNormalization -> Add -> Relu``). Pruning asks for the
+statistics into its weight and bias, absorbs a residual ``add`` of another tensor of the
+output's shape (ResNet's ``Conv -> BatchNormalization -> Add -> Relu``) and a ``max_pool2d``
+that is the only reader of the result (``Conv -> Relu -> MaxPool``: AlexNet, VGG, ResNet's stem). Pruning asks for the
 plain form: it must see and replace the weight exactly as the graph holds it.
 
 Unfolded over its input patches (im2col), a convolution is a dense layer: ``W`` becomes the
@@ -24,6 +25,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from tvm import ir, relax, tirx
+
+from tvm_scalpel.schedules import MaxPool
 
 from .graph import (
     GraphIndex,
@@ -59,6 +62,7 @@ class ConvLayer:
     groups: int = 1
     residual: relax.Expr | None = None  # added to the output before the ReLU
     batch_norm: bool = False  # an inference BatchNormalization folded into kernel and bias
+    pool: MaxPool | None = None  # a max pooling of the (activated) output, fused
 
     @property
     def weight(self) -> np.ndarray:
@@ -126,6 +130,8 @@ def find_conv_layers(func: relax.Function, warn: bool = True, kernels: bool = Fa
             _fold_batch_norm(layer, index)
             _absorb_residual(layer, index, claimed)
         absorb_relu(index, layer)
+        if kernels:
+            _absorb_max_pool(layer, index)
         layers.append(layer)
     return layers
 
@@ -179,3 +185,20 @@ def _absorb_residual(layer: ConvLayer, index: GraphIndex, claimed: set) -> None:
     layer.fused.append(layer.output)
     layer.output = add
     claimed.add(add)
+
+
+def _absorb_max_pool(layer: ConvLayer, index: GraphIndex) -> None:
+    """``max_pool2d(output)`` in NCHW, without dilation or ceil mode, read by nothing else."""
+    pool = index.sole_reader(layer.output, "relax.nn.max_pool2d")
+    if pool is None:
+        return
+    attrs = index.values[pool].attrs
+    if (str(attrs.layout) != "NCHW" or str(attrs.out_layout) not in ("NCHW", "")
+            or _ints(attrs.dilation) != (1, 1) or bool(attrs.ceil_mode)):
+        return
+    size, padding = _ints(attrs.pool_size), _padding(attrs.padding)
+    if len(size) != 2 or padding[0] >= size[0] or padding[1] >= size[1]:
+        return
+    layer.pool = MaxPool(size, _ints(attrs.strides), padding)
+    layer.fused.append(layer.output)
+    layer.output = pool

@@ -87,10 +87,14 @@ def _lower_patch(bb: relax.BlockBuilder, lowering: KernelLowering, layer: ConvLa
     out = bb.emit(relax.call_tir(kernel, [cols] + [relax.const(a) for a in operands],
                                  out_ty=relax.TensorType((batch, n, positions), "float32")))
     out = relax.op.reshape(out, relax.ShapeExpr([batch, n, oh, ow]))
-    if residual is None:
-        return out
-    out = relax.op.add(bb.emit(out), residual)
-    return relax.op.nn.relu(bb.emit(out)) if relu else out
+    if residual is not None:
+        out = relax.op.add(bb.emit(out), residual)
+        if relu:
+            out = relax.op.nn.relu(bb.emit(out))
+    if layer.pool is not None:  # the patch kernel has no pooling stage: TVM's, after it
+        pool = layer.pool
+        out = relax.op.nn.max_pool2d(bb.emit(out), pool.size, pool.strides, pool.padding)
+    return out
 
 
 def _lower_blocked(bb: relax.BlockBuilder, profile, layer: ConvLayer, data: relax.Expr,
@@ -99,7 +103,8 @@ def _lower_blocked(bb: relax.BlockBuilder, profile, layer: ConvLayer, data: rela
     shape = conv_shape(layer, data)
     knobs = (knobs_for(shape) if knobs_for is not None else None) or schedules.default_conv_knobs(
         profile, shape)
-    func = schedules.conv2d(profile, shape, knobs, relu=layer.relu, residual=residual is not None)
+    func = schedules.conv2d(profile, shape, knobs, relu=layer.relu, residual=residual is not None,
+                            pool=layer.pool)
     o, i, kh, kw = layer.kernel.shape
     kind = "dw" if shape.depthwise else (f"g{shape.groups}_" if shape.groups > 1 else "")
     gv = bb.add_func(func, f"scalpel_conv_{kind}{o}x{i}x{kh}x{kw}")
@@ -108,6 +113,8 @@ def _lower_blocked(bb: relax.BlockBuilder, profile, layer: ConvLayer, data: rela
     if residual is not None:
         args.append(residual)
     oh, ow = shape.out_size
+    if layer.pool is not None:
+        oh, ow = layer.pool.out_size(oh, ow)
     return relax.call_tir(gv, args, out_ty=relax.TensorType((data.ty.shape.values[0], o, oh, ow), "float32"))
 
 
@@ -131,7 +138,7 @@ class RewriteConvLayers:
         y = call_tir(conv2d_nchwc, (x, W_packed, bias_packed[, skip]))   # NCHW in and out
 
     with a following inference BatchNormalization folded into ``W`` and the bias, and a
-    residual ``add`` and ReLU fused. On targets we have no dense kernels for (GPUs), conv layers
+    residual ``add``, ReLU and a max pooling that only it reads fused. On targets we have no dense kernels for (GPUs), conv layers
     are left to TVM.
 
     Parameters are those of ``RewriteDenseLayers``; reported decisions have ``kind="conv"``,

@@ -16,7 +16,7 @@ from tvm_scalpel.errors import ScalpelError
 from tvm_scalpel.targets import TargetProfile
 
 from . import aarch64, conv_cpu, cortex_m4, cpu_kernels, cuda, x86
-from .conv_cpu import ConvKnobs, ConvShape
+from .conv_cpu import ConvKnobs, ConvShape, MaxPool
 from .spec import CpuKnobs, LayerSpec, PackedGroupedSparse, TargetRule, pack_dense, pack_grouped_sparse
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "patch_kernel",
     "ConvKnobs",
     "ConvShape",
+    "MaxPool",
     "default_conv_knobs",
     "conv2d",
     "pack_conv_weight",
@@ -150,13 +151,14 @@ def default_conv_knobs(profile: TargetProfile, shape: ConvShape) -> ConvKnobs:
 
 
 def conv2d(profile: TargetProfile, shape: ConvShape, knobs: ConvKnobs | None = None,
-           relu: bool = False, residual: bool = False) -> tirx.PrimFunc:
+           relu: bool = False, residual: bool = False, pool: MaxPool | None = None) -> tirx.PrimFunc:
     """The blocked (NCHW[x]c) dense / grouped / depthwise conv kernel: parameters ``data,
     weight, bias[, residual], out``, data and out NCHW, weight and bias packed by
-    :func:`pack_conv_weight` / :func:`pack_conv_bias` with the same knobs; CPU targets only."""
+    :func:`pack_conv_weight` / :func:`pack_conv_bias` with the same knobs, ``out`` max-pooled
+    by ``pool`` when given; CPU targets only."""
     rule = _cpu_rule(profile)
     knobs = knobs or rule.default_conv_knobs(profile, shape)
-    return rule.conv2d(profile, shape, knobs, relu, residual)
+    return rule.conv2d(profile, shape, knobs, relu, residual, pool)
 
 
 def pack_conv_weight(kernel, shape: ConvShape, knobs: ConvKnobs):

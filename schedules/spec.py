@@ -182,5 +182,6 @@ class TargetRule:
     def default_conv_knobs(self, profile: TargetProfile, shape):
         raise ScalpelError(f"no convolution kernel for target kind {profile.kind!r}")
 
-    def conv2d(self, profile: TargetProfile, shape, knobs, relu: bool, residual: bool) -> tirx.PrimFunc:
+    def conv2d(self, profile: TargetProfile, shape, knobs, relu: bool, residual: bool,
+               pool=None) -> tirx.PrimFunc:
         raise ScalpelError(f"no convolution kernel for target kind {profile.kind!r}")

@@ -5,6 +5,7 @@ graphs as PyTorch's exporter writes them, and the vector code they emit for expl
 import re
 
 import numpy as np
+import onnx
 import pytest
 import tvm
 from helpers import make_model, ort_run, rel_err, vm_run
@@ -262,3 +263,66 @@ def test_add_of_two_conv_branches_is_absorbed_once(rng):
     for batch in (1, 2):
         x = rng.standard_normal((batch, 8, 8, 8)).astype(np.float32)
         assert rel_err(vm_run(built.executable, x), ort_run(model, x)) < TOL
+
+
+def conv_pool_model(rng, c, hw, o, k, stride, pad, pool, pool_stride, pool_pads, relu=True,
+                    depthwise=False):
+    """Conv (+ Relu) -> MaxPool, as PyTorch exports AlexNet's, VGG's and ResNet's stem."""
+    model = conv_model(rng, c, hw, hw, o, k, (stride, stride), (pad,) * 4,
+                       groups=c if depthwise else 1, relu=relu)
+    graph = model.graph
+    graph.node[-1].output[0] = "conv_out"
+    graph.node.append(helper.make_node("MaxPool", ["conv_out"], ["y"], kernel_shape=[pool, pool],
+                                       strides=[pool_stride] * 2, pads=list(pool_pads)))
+    del graph.output[:]
+    graph.output.append(helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None))
+    return model
+
+
+# (c, hw, o, k, stride, pad, pool, pool stride, pool pads, relu, depthwise)
+POOLED = {
+    "resnet stem 3x3 s2 p1": (3, 21, 16, 7, 2, 3, 3, 2, (1, 1, 1, 1), True, False),
+    "alexnet 3x3 s2": (8, 15, 24, 3, 1, 1, 3, 2, (0, 0, 0, 0), True, False),
+    "vgg 2x2 s2 odd size": (5, 11, 40, 3, 1, 1, 2, 2, (0, 0, 0, 0), False, False),
+    "asymmetric pool pads": (6, 9, 12, 3, 1, 1, 3, 2, (0, 1, 1, 0), True, False),
+    "depthwise then pool": (16, 10, 16, 3, 1, 1, 2, 2, (0, 0, 0, 0), True, True),
+}
+
+
+@pytest.mark.parametrize("name", list(POOLED))
+def test_max_pool_after_a_conv_is_fused_and_matches_onnxruntime(rng, name):
+    c, hw, o, k, s, p, pool, ps, pads, relu, dw = POOLED[name]
+    model = conv_pool_model(rng, c, hw, o, k, s, p, pool, ps, pads, relu, dw)
+    from tvm_scalpel.onnx_io import to_relax
+    from tvm_scalpel.passes import RewriteConvLayers
+
+    text = RewriteConvLayers("x86")(to_relax(model))["main"].script()
+    assert text.count("call_tir") == 1 and "max_pool2d" not in text
+    built = compile_onnx(model, "x86")
+    for batch in (1, 2):
+        x = rng.standard_normal((batch, c, hw, hw)).astype(np.float32) - 0.5  # negatives: the pool's max
+        assert rel_err(vm_run(built.executable, x), ort_run(model, x)) < TOL
+
+
+def test_max_pool_read_twice_or_after_a_sparse_conv_stays_correct(rng):
+    """A pool that is not the conv's only reader is not fused; a group-sparse conv (patch
+    kernel) keeps TVM's pool after it."""
+    model = conv_pool_model(rng, 8, 9, 16, 3, 1, 1, 2, 2, (0, 0, 0, 0))
+    w = numpy_helper.to_array(model.graph.initializer[0]).reshape(16, -1).copy()
+    groups = w.reshape(16, -1, 4)
+    groups[rng.random(groups.shape[:2]) < 0.75] = 0.0
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(groups.reshape(16, 8, 3, 3), "w"))
+    built = compile_onnx(model, "x86", mode="sparse")
+    assert [d.kernel for d in built.layers] == ["grouped-sparse"]
+    x = rng.standard_normal((2, 8, 9, 9)).astype(np.float32)
+    assert rel_err(vm_run(built.executable, x), ort_run(model, x)) < TOL
+
+    twice = conv_pool_model(rng, 8, 9, 16, 3, 1, 1, 2, 2, (0, 0, 0, 0))
+    twice.graph.output.append(helper.make_tensor_value_info("conv_out", onnx.TensorProto.FLOAT, None))
+    built = compile_onnx(twice, "x86")
+    import onnxruntime as ort
+
+    refs = ort.InferenceSession(twice.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    outs = tvm.relax.VirtualMachine(built.executable, tvm.cpu())["main"](tvm.runtime.tensor(x))
+    for out, ref in zip(outs, refs):
+        assert rel_err(out.numpy(), ref) < TOL

@@ -102,6 +102,8 @@ CASES = {
     "lenet5 pruned g=2": lambda: _pruned("lenet5", group_width=2),
     "held-out mlp": _held_out_mlp,
     "padded cnn": _padded_cnn,
+    # output rows of 10: two 4-pixel tiles and two leftover columns, through the sparse kernel
+    "padded cnn pruned": lambda: flows.prune(_padded_cnn(), 0.8, target="cortex-m4", policy="rules").model,
 }
 
 
@@ -147,8 +149,14 @@ def test_flash_accounts_for_every_weight(projects):
     weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     for layer, name in zip(pruned.layers, ("fc1", "fc2", "fc3")):
         w = weights[f"{name}.weight"]
-        kept = int(np.count_nonzero(w))  # g = 1: one value and one index per kept weight
-        assert layer.flash_bytes == kept * 8 + (w.shape[0] + 1) * 4 + w.shape[0] * 4
+        g = layer.group_width  # the rules' g on the M4: 2 (smlad pairs)
+        assert g == 2
+        n, k = w.shape
+        padded = np.zeros((n, -(-k // g) * g), np.float32)
+        padded[:, :k] = w
+        groups = int(np.any(padded.reshape(n, -1, g) != 0, axis=2).sum())
+        # g values and one index per kept group, row pointers, bias
+        assert layer.flash_bytes == groups * (g * 4 + 4) + (n + 1) * 4 + n * 4
     meta = json.loads((folder / "model.json").read_text())
     assert meta["flash_bytes"] == sum(layer["flash_bytes"] for layer in meta["layers"]) == pruned.flash_bytes
     assert pruned.flash_bytes < 0.25 * dense.flash_bytes

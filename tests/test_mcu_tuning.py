@@ -72,6 +72,22 @@ def test_tune_counts_instructions_and_picks_g(fake, tmp_path):
     assert list(chosen.values()) == [r.best.group_width for r in results]
 
 
+def test_tune_last_layer_at_its_own_rate(fake, tmp_path):
+    """prune --last-layer-rate prunes the class scores less; tune must key them at that rate,
+    or prune --group-width auto finds no record for the last layer."""
+    db_path = tmp_path / "m4.jsonl"
+    model = models.mlp(SIZES, seed=4, layout="gemm")
+    results = flows.tune(model, db_path, target="cortex-m4", rate=0.9, last_layer_rate=0.6,
+                         trials=16, progress=False)
+    profile = resolve_target("cortex-m4")
+    db = TuningDatabase(db_path)
+    assert db.lookup(Task(*results[0].shape, 0.9), profile)
+    assert db.lookup(Task(*results[-1].shape, 0.6), profile)
+    assert not db.lookup(Task(*results[-1].shape, 0.9), profile)
+    for r, rate in zip(results, (0.9, 0.6)):
+        assert db.knobs_for(profile, *r.shape, r.best.group_width, rate) is not None
+
+
 def test_tune_count_is_the_runner_count(fake, tmp_path, rng):
     """The database's number is what the runner counts for that layer."""
     db_path = tmp_path / "m4.jsonl"

@@ -94,7 +94,7 @@ def prune_onnx(
         g = tuned_group_widths(layers, rates, profile, tuning_db)
     report: list[PrunedLayer] = []
     mod = PruneWeightGroups(rates, g, importance, report=report,
-                            default_group_width=profile.simd_width)(mod)
+                            default_group_width=profile.group_width)(mod)
     if conv_rate is not None:
         PruneWeightGroups(conv_rate, default_group_width(profile, group_width), importance, report=report, layers="conv")(mod)
     pruned = onnx.ModelProto()
@@ -135,7 +135,7 @@ def tuned_group_widths(layers, rates, profile: TargetProfile, tuning_db) -> dict
         best = db.best(Task(n, k, rate), profile)
         if best is None:
             log.warning("no tuning record for layer %dx%d at rate %.3f on this target: g=%d",
-                        n, k, rate, profile.simd_width)
+                        n, k, rate, profile.group_width)
             continue
         widths[layer.index] = best[0].group_width
     return widths

@@ -48,8 +48,9 @@ def check_group_width(value, what: str | None = "group width", allow_auto: bool 
 
 def default_group_width(profile, group_width: int | str | None) -> int:
     """The group width a layer gets when no per-layer choice applies: the one asked, else the
-    target's fp32 SIMD width (also for ``"auto"`` layers the database knows nothing about)."""
-    return profile.simd_width if group_width in (None, AUTO) else group_width
+    target's group width (its SIMD width; also for ``"auto"`` layers the database knows
+    nothing about)."""
+    return profile.group_width if group_width in (None, AUTO) else group_width
 
 
 def check_choice(value: str, choices: tuple[str, ...], what: str) -> str:

@@ -115,7 +115,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     profile = resolve_target(args.target)
     results = flows.tune(args.model, args.db, target=profile, rate=args.rate,
-                         batch=args.batch, trials=args.trials, dense_trials=args.dense_trials,
+                         last_layer_rate=args.last_layer_rate, batch=args.batch, trials=args.trials, dense_trials=args.dense_trials,
                          rpc=args.rpc, progress=not args.quiet, name=args.model)
     print(format_table(flows.tune_headers(results), [r.row() for r in results]))
     print(f"{sum(r.new_trials for r in results)} new measurements; database {args.db} (target "
@@ -356,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--target", default="x86", help=target_help)
     u.add_argument("--db", required=True, help="tuning database (JSON lines; created or extended)")
     u.add_argument("--rate", type=parse_rate, default=0.9, help="pruning rate the layers are tuned for")
+    u.add_argument("--last-layer-rate", type=parse_rate, default=None,
+                   help="rate the last dense layer is tuned for (as prune --last-layer-rate); "
+                        "default: --rate")
     u.add_argument("--batch", type=parse_positive, default=1, help="batch size tuned for")
     u.add_argument("--trials", type=parse_positive, default=16,
                    help="candidates known per layer at the end (database records count)")

@@ -456,24 +456,20 @@ def tune_headers(results: list[TuneResult]) -> list[str]:
 
 
 def _mcu_compile(model: onnx.ModelProto, folder, mode: str) -> None:
-    """The Cortex-M4 project generator (what ``compile --target cortex-m4`` writes), as the
+    """The Cortex-M4 project (what ``compile --target cortex-m4`` writes), as the
     instruction-count tuner calls it."""
-    try:
-        from .mcu.project import generate
-    except ImportError:
-        raise ScalpelError("the Cortex-M4 project generator (tvm_scalpel/mcu/project.py) is "
-                           "missing from this installation") from None
-    generate(model, mode=mode).write(folder)
+    compile_mcu(model, folder, mode=mode)
 
 
 def tune(model, db: str | os.PathLike, *, target="x86", rate: float = 0.9, batch: int = 1,
-         trials: int = 16, dense_trials: int = 0, rpc: str | None = None,
+         last_layer_rate: float | None = None, trials: int = 16, dense_trials: int = 0, rpc: str | None = None,
          progress: bool = True, name: str | None = None) -> list[TuneResult]:
     """``tvm-scalpel tune`` in one call: per dense layer, grouped-sparse candidates (group width
     and kernel knobs) until ``trials`` are known in the database ``db``, our dense kernel, and
     (``dense_trials``) meta_schedule where the layer stays dense. Measured here, or on the RPC
-    server ``rpc``; every measurement is appended to ``db`` at once. ``name`` is how an error
-    names the model (default: its path, or "the model")."""
+    server ``rpc``; every measurement is appended to ``db`` at once. ``last_layer_rate``: the
+    rate the last dense layer is tuned for, as ``prune --last-layer-rate`` prunes it (default:
+    ``rate``). ``name`` is how an error names the model (default: its path, or "the model")."""
     from tqdm import tqdm
 
     from .api import dense_layer_shapes
@@ -481,6 +477,8 @@ def tune(model, db: str | os.PathLike, *, target="x86", rate: float = 0.9, batch
     from .tuning import Task, TuningDatabase
 
     check_rate(rate)
+    if last_layer_rate is not None:
+        check_rate(last_layer_rate)
     check_count(batch, "batch")
     check_count(trials, "trials")
     check_count(dense_trials, "dense trials", 0)
@@ -526,12 +524,15 @@ def tune(model, db: str | os.PathLike, *, target="x86", rate: float = 0.9, batch
     if not shapes:
         raise ScalpelError(f"{name}: no dense layer to tune")
     database = TuningDatabase(db)
-    sparse_trials = trials if rate > 0 else 0  # rate 0: every layer stays dense
+    rates = [rate] * len(shapes)
+    if last_layer_rate is not None:
+        rates[-1] = last_layer_rate  # the class scores, as prune --last-layer-rate prunes them
     results = []
-    with tqdm(total=len(shapes) * (sparse_trials + 1), desc="tune", unit="trial",
+    with tqdm(total=sum(trials + 1 if r > 0 else 1 for r in rates), desc="tune", unit="trial",
               disable=None if progress else True, leave=False) as bar:
-        for layer, (n, k) in shapes:
-            task = Task(n, k, rate, batch)
+        for (layer, (n, k)), layer_rate in zip(shapes, rates):
+            task = Task(n, k, layer_rate, batch)
+            sparse_trials = trials if layer_rate > 0 else 0  # rate 0: the layer stays dense
             results.append(_tune_layer(layer, task, profile, database, sparse_trials, dense_trials,
                                        db, rpc, measure_fn, bar, dense_fn, unit))
     return results

@@ -27,6 +27,17 @@ class TargetProfile:
     parallelism: Parallelism
 
     @property
+    def group_width(self) -> int:
+        """The group width g of the rules: the SIMD width, in the numbers a layer's kernel
+        packs into one register. An M-profile core with the DSP extension (thumbv7em: the
+        Cortex-M4 / M7) has no fp32 SIMD but multiplies two 16-bit lanes of one register at once
+        (``smlad``): g = 2, one index for every pair of weights (in fp32 too, where the pair
+        halves the index loads)."""
+        if self.simd_width == 1 and self.arch.startswith("thumbv7em"):
+            return 2
+        return self.simd_width
+
+    @property
     def kind(self) -> str:
         return str(self.target.kind.name)
 

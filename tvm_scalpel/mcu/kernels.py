@@ -95,14 +95,26 @@ def grouped_sparse(sparse: GroupedSparseMatrix, relu: bool, has_bias: bool) -> t
     return f
 
 
+# Output pixels of one row computed together by the conv kernels: each weight (and, sparse, its
+# index and patch offset) is loaded once for PIXEL_TILE multiply-adds, the accumulators in FPU
+# registers (the M4F has 32 single-precision ones). Leftover columns run one at a time.
+PIXEL_TILE = 4
+
+
+def pixel_tile(ow: int) -> int:
+    return PIXEL_TILE if ow >= PIXEL_TILE else 1
+
+
 def conv(in_shape, out_shape, kernel, stride, relu: bool, has_bias: bool) -> tirx.PrimFunc:
-    """Direct convolution, NCHW, no padding (a pad layer comes first): one output at a time,
-    accumulated in a register; the window's row unrolled."""
+    """Direct convolution, NCHW, no padding (a pad layer comes first): PIXEL_TILE outputs of a
+    row at a time, accumulated in registers; the window's row unrolled."""
     ci, h, wd = in_shape
     co, oh, ow = out_shape
     kh, kw = kernel
     sh, sw = stride
     act = _epilogue(relu)
+    pt = pixel_tile(ow)
+    tiles = ow // pt
 
     @T.prim_func(private=True, s_tir=True)
     def f(x_ptr: T.handle("float32"), w_ptr: T.handle("float32"), b_ptr: T.handle("float32"),
@@ -112,17 +124,31 @@ def conv(in_shape, out_shape, kernel, stride, relu: bool, has_bias: bool) -> tir
         w = T.decl_buffer((co * ci * kh * kw,), "float32", data=w_ptr)
         b = T.decl_buffer((co,), "float32", data=b_ptr)
         y = T.decl_buffer((co * oh * ow,), "float32", data=y_ptr)
-        acc = T.alloc_buffer((1,), "float32", scope="global")
-        for o, r, c in T.grid(co, oh, ow):
-            if has_bias:
-                acc[0] = b[o]
-            else:
-                acc[0] = T.float32(0)
-            for i, u in T.grid(ci, kh):
-                for v in T.unroll(kw):
-                    acc[0] = acc[0] + w[((o * ci + i) * kh + u) * kw + v] * \
-                        x[(i * h + r * sh + u) * wd + c * sw + v]
-            y[(o * oh + r) * ow + c] = act(acc[0])
+        acc = T.alloc_buffer((pt,), "float32", scope="global")
+        for o, r in T.grid(co, oh):
+            for t in range(tiles):
+                for p in T.unroll(pt):
+                    if has_bias:
+                        acc[p] = b[o]
+                    else:
+                        acc[p] = T.float32(0)
+                for i, u in T.grid(ci, kh):
+                    for v in T.unroll(kw):
+                        for p in T.unroll(pt):
+                            acc[p] = acc[p] + w[((o * ci + i) * kh + u) * kw + v] * \
+                                x[(i * h + r * sh + u) * wd + (t * pt + p) * sw + v]
+                for p in T.unroll(pt):
+                    y[(o * oh + r) * ow + t * pt + p] = act(acc[p])
+            for c in range(tiles * pt, ow):
+                if has_bias:
+                    acc[0] = b[o]
+                else:
+                    acc[0] = T.float32(0)
+                for i, u in T.grid(ci, kh):
+                    for v in T.unroll(kw):
+                        acc[0] = acc[0] + w[((o * ci + i) * kh + u) * kw + v] * \
+                            x[(i * h + r * sh + u) * wd + c * sw + v]
+                y[(o * oh + r) * ow + c] = act(acc[0])
 
     return f
 
@@ -142,7 +168,8 @@ def grouped_sparse_conv(sparse: GroupedSparseMatrix, in_shape, out_shape, kernel
                         relu: bool, has_bias: bool) -> tirx.PrimFunc:
     """Convolution over the kept groups of the unfolded ``[CO, CI*KH*KW]`` weight: per output,
     one group-column index per g weights, each weight's input found through the patch offset
-    table (the unfolded axis crosses window rows, so a group is not contiguous in the input)."""
+    table (the unfolded axis crosses window rows, so a group is not contiguous in the input).
+    PIXEL_TILE outputs of a row share each weight, index and offset load."""
     ci, h, wd = in_shape
     co, oh, ow = out_shape
     sh, sw = stride
@@ -150,6 +177,8 @@ def grouped_sparse_conv(sparse: GroupedSparseMatrix, in_shape, out_shape, kernel
     groups = max(sparse.n_groups, 1)
     patch = -(-sparse.shape[1] // g) * g
     act = _epilogue(relu)
+    pt = pixel_tile(ow)
+    tiles = ow // pt
 
     @T.prim_func(private=True, s_tir=True)
     def f(x_ptr: T.handle("float32"), vals_ptr: T.handle("float32"), cols_ptr: T.handle("int32"),
@@ -163,16 +192,30 @@ def grouped_sparse_conv(sparse: GroupedSparseMatrix, in_shape, out_shape, kernel
         off = T.decl_buffer((patch,), "int32", data=off_ptr)
         b = T.decl_buffer((co,), "float32", data=b_ptr)
         y = T.decl_buffer((co * oh * ow,), "float32", data=y_ptr)
-        acc = T.alloc_buffer((1,), "float32", scope="global")
-        for o, r, c in T.grid(co, oh, ow):
-            if has_bias:
-                acc[0] = b[o]
-            else:
-                acc[0] = T.float32(0)
-            for j in range(indptr[o], indptr[o + 1]):
-                for t in T.unroll(g):
-                    acc[0] = acc[0] + vals[j * g + t] * x[r * sh * wd + c * sw + off[cols[j] * g + t]]
-            y[(o * oh + r) * ow + c] = act(acc[0])
+        acc = T.alloc_buffer((pt,), "float32", scope="global")
+        for o, r in T.grid(co, oh):
+            for t in range(tiles):
+                for p in T.unroll(pt):
+                    if has_bias:
+                        acc[p] = b[o]
+                    else:
+                        acc[p] = T.float32(0)
+                for j in range(indptr[o], indptr[o + 1]):
+                    for q in T.unroll(g):
+                        for p in T.unroll(pt):
+                            acc[p] = acc[p] + vals[j * g + q] * \
+                                x[r * sh * wd + (t * pt + p) * sw + off[cols[j] * g + q]]
+                for p in T.unroll(pt):
+                    y[(o * oh + r) * ow + t * pt + p] = act(acc[p])
+            for c in range(tiles * pt, ow):
+                if has_bias:
+                    acc[0] = b[o]
+                else:
+                    acc[0] = T.float32(0)
+                for j in range(indptr[o], indptr[o + 1]):
+                    for q in T.unroll(g):
+                        acc[0] = acc[0] + vals[j * g + q] * x[r * sh * wd + c * sw + off[cols[j] * g + q]]
+                y[(o * oh + r) * ow + c] = act(acc[0])
 
     return f
 

@@ -17,6 +17,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from ..format import GroupedSparseMatrix
+from .kernels import pixel_tile
 
 
 def _requant(shift: int, relu: bool):
@@ -150,11 +151,14 @@ def grouped_sparse(sparse: GroupedSparseMatrix, shift: int, relu: bool, has_bias
 
 
 def conv(in_shape, out_shape, kernel, stride, shift: int, relu: bool, has_bias: bool) -> tirx.PrimFunc:
+    """Direct int16 convolution, PIXEL_TILE outputs of a row at a time (as the fp32 kernel)."""
     ci, h, wd = in_shape
     co, oh, ow = out_shape
     kh, kw = kernel
     sh, sw = stride
     out = _requant(shift, relu)
+    pt = pixel_tile(ow)
+    tiles = ow // pt
 
     @T.prim_func(private=True, s_tir=True)
     def f(x_ptr: T.handle("int16"), w_ptr: T.handle("int16"), b_ptr: T.handle("int32"),
@@ -164,23 +168,38 @@ def conv(in_shape, out_shape, kernel, stride, shift: int, relu: bool, has_bias: 
         w = T.decl_buffer((co * ci * kh * kw,), "int16", data=w_ptr)
         b = T.decl_buffer((co,), "int32", data=b_ptr)
         y = T.decl_buffer((co * oh * ow,), "int16", data=y_ptr)
-        acc = T.alloc_buffer((1,), "int32", scope="global")
-        for o, r, c in T.grid(co, oh, ow):
-            if has_bias:
-                acc[0] = b[o]
-            else:
-                acc[0] = 0
-            for i, u in T.grid(ci, kh):
-                for v in T.unroll(kw):
-                    acc[0] = acc[0] + T.Cast("int32", w[((o * ci + i) * kh + u) * kw + v]) * \
-                        T.Cast("int32", x[(i * h + r * sh + u) * wd + c * sw + v])
-            y[(o * oh + r) * ow + c] = out(acc[0])
+        acc = T.alloc_buffer((pt,), "int32", scope="global")
+        for o, r in T.grid(co, oh):
+            for t in range(tiles):
+                for p in T.unroll(pt):
+                    if has_bias:
+                        acc[p] = b[o]
+                    else:
+                        acc[p] = 0
+                for i, u in T.grid(ci, kh):
+                    for v in T.unroll(kw):
+                        for p in T.unroll(pt):
+                            acc[p] = acc[p] + T.Cast("int32", w[((o * ci + i) * kh + u) * kw + v]) * \
+                                T.Cast("int32", x[(i * h + r * sh + u) * wd + (t * pt + p) * sw + v])
+                for p in T.unroll(pt):
+                    y[(o * oh + r) * ow + t * pt + p] = out(acc[p])
+            for c in range(tiles * pt, ow):
+                if has_bias:
+                    acc[0] = b[o]
+                else:
+                    acc[0] = 0
+                for i, u in T.grid(ci, kh):
+                    for v in T.unroll(kw):
+                        acc[0] = acc[0] + T.Cast("int32", w[((o * ci + i) * kh + u) * kw + v]) * \
+                            T.Cast("int32", x[(i * h + r * sh + u) * wd + c * sw + v])
+                y[(o * oh + r) * ow + c] = out(acc[0])
 
     return f
 
 
 def grouped_sparse_conv(sparse: GroupedSparseMatrix, in_shape, out_shape, kernel, stride,
                         shift: int, relu: bool, has_bias: bool) -> tirx.PrimFunc:
+    """int16 grouped-sparse convolution, PIXEL_TILE outputs of a row at a time (as fp32)."""
     ci, h, wd = in_shape
     co, oh, ow = out_shape
     sh, sw = stride
@@ -188,6 +207,8 @@ def grouped_sparse_conv(sparse: GroupedSparseMatrix, in_shape, out_shape, kernel
     groups = max(sparse.n_groups, 1)
     patch = -(-sparse.shape[1] // g) * g
     out = _requant(shift, relu)
+    pt = pixel_tile(ow)
+    tiles = ow // pt
 
     @T.prim_func(private=True, s_tir=True)
     def f(x_ptr: T.handle("int16"), vals_ptr: T.handle("int16"), cols_ptr: T.handle("int32"),
@@ -201,17 +222,31 @@ def grouped_sparse_conv(sparse: GroupedSparseMatrix, in_shape, out_shape, kernel
         off = T.decl_buffer((patch,), "int32", data=off_ptr)
         b = T.decl_buffer((co,), "int32", data=b_ptr)
         y = T.decl_buffer((co * oh * ow,), "int16", data=y_ptr)
-        acc = T.alloc_buffer((1,), "int32", scope="global")
-        for o, r, c in T.grid(co, oh, ow):
-            if has_bias:
-                acc[0] = b[o]
-            else:
-                acc[0] = 0
-            for j in range(indptr[o], indptr[o + 1]):
-                for t in T.unroll(g):
-                    acc[0] = acc[0] + T.Cast("int32", vals[j * g + t]) * \
-                        T.Cast("int32", x[r * sh * wd + c * sw + off[cols[j] * g + t]])
-            y[(o * oh + r) * ow + c] = out(acc[0])
+        acc = T.alloc_buffer((pt,), "int32", scope="global")
+        for o, r in T.grid(co, oh):
+            for t in range(tiles):
+                for p in T.unroll(pt):
+                    if has_bias:
+                        acc[p] = b[o]
+                    else:
+                        acc[p] = 0
+                for j in range(indptr[o], indptr[o + 1]):
+                    for q in T.unroll(g):
+                        for p in T.unroll(pt):
+                            acc[p] = acc[p] + T.Cast("int32", vals[j * g + q]) * T.Cast(
+                                "int32", x[r * sh * wd + (t * pt + p) * sw + off[cols[j] * g + q]])
+                for p in T.unroll(pt):
+                    y[(o * oh + r) * ow + t * pt + p] = out(acc[p])
+            for c in range(tiles * pt, ow):
+                if has_bias:
+                    acc[0] = b[o]
+                else:
+                    acc[0] = 0
+                for j in range(indptr[o], indptr[o + 1]):
+                    for q in T.unroll(g):
+                        acc[0] = acc[0] + T.Cast("int32", vals[j * g + q]) * \
+                            T.Cast("int32", x[r * sh * wd + c * sw + off[cols[j] * g + q]])
+                y[(o * oh + r) * ow + c] = out(acc[0])
 
     return f
 
