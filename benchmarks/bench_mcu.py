@@ -264,13 +264,16 @@ def main() -> int:
     numerics = generator_numerics()
     start = time.time()
     rows: list[Row] = []
+    db_path = out / "mcu_tuning.jsonl"
+    if args.tune:  # counts of this code only: an earlier run's kernels may have counted otherwise
+        db_path.unlink(missing_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-mcu-") as tmp:
         for network in NETWORKS:
             if network.label not in args.networks:
                 continue
             epochs = network.quick_epochs if args.quick else network.epochs
             trained = trained_model(network, data, epochs, args.trained)
-            db = out / "mcu_tuning.jsonl" if args.tune else None
+            db = db_path if args.tune else None
             for variant, model in variants(network, trained, data, fine_tune, db):
                 for kind in numerics:
                     rows.append(measure(network, variant, model, data, kind, Path(tmp)))

@@ -154,10 +154,15 @@ def default_conv_knobs(shape: ConvShape, lanes: int, registers: int | None = Non
     vecs = 2 if ocg > lanes else 1
     max_tile = max(1, (regs - vecs - 1) // vecs)
     ic_block = icg if icg <= lanes * 2 else _largest_divisor(icg, lanes * 2) or lanes
-    tile = _tile(positions, max_tile)
     # A short innermost reduction (RGB input: 3 channels) is loop overhead: unrolling kw over
     # it ran AlexNet's, VGG's and ResNet's first layers 10-35% faster (1 thread, AVX2).
     unroll_kw = ic_block <= 4
+    if unroll_kw and regs >= 32:
+        # With kw unrolled LLVM keeps the broadcasts that neighbouring taps share live; beside
+        # 14 x 2 zmm accumulators they spill. Half the tile: ResNet's stem (7x7 s2) 1.7x,
+        # VGG's 1.5x and AlexNet's 5% faster (1 thread, AVX-512).
+        max_tile = max(1, max_tile // 2)
+    tile = _tile(positions, max_tile)
     # Cache blocking where the weights of one output-channel block outgrow L1 and the image
     # is large: measured (1 thread, AVX2) 15-20% faster on VGG's 256->256 @56, slower on
     # ResNet's 512 @7 and AlexNet's 384->256 @13 (too few positions to reuse the weights).
