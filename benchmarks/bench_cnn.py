@@ -6,7 +6,10 @@ For each network (``tvm_scalpel.models``, He-initialized weights from a seed) an
 * onnxruntime: the dense model and each pruned model (best of 1 and 2 intra-op threads);
 * TVM default: TVM's own legalization, no pass of ours (very slow for big nets: timed with one
   call a sample, and skipped above ``--tvm-default-max-gmacs`` with a note);
-* ours, dense: ``compile_onnx(model)`` (our conv / dense kernels, no pruning);
+* ours, dense: ``compile_onnx(model, tuning_db=db)`` (our conv / dense kernels, no pruning),
+  its conv layers tuned first as ``tvm-scalpel tune --conv-trials 8`` does (``--conv-trials``;
+  the tuning time is in the notes) and every "ours" variant compiled with that database, as
+  ``compile --db`` does; "untuned" is the dense model on the rule's conv knobs;
 * ours, FC 0.9: SIMD-aware weight pruning of the FC layers at rate 0.9 (g = SIMD width);
 * ours, CPU policy: the paper's rules for a CPU (``policy.plan_layers``: FC weights at 0.9,
   CONV nodes at 0.5 by L1 norm, as ``tvm-scalpel prune --policy rules`` does);
@@ -27,6 +30,7 @@ import argparse
 import logging
 import re
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +61,7 @@ import onnx
 import tvm
 from tvm import relax
 
-from tvm_scalpel import compile_onnx, models, prune_onnx, resolve_target
+from tvm_scalpel import compile_onnx, flows, models, prune_onnx, resolve_target
 from tvm_scalpel.finetune import node_prune
 from tvm_scalpel.kinds import KernelKind, LayerKind
 from tvm_scalpel.onnx_io import to_relax, with_batch
@@ -72,8 +76,10 @@ FC_RATE = 0.9
 NODE_RATE = 0.5
 
 ORT, TVM_DEFAULT, DENSE, FC, POLICY, TRAD = "ort", "tvm_default", "dense", "fc", "policy", "traditional"
+DENSE_RULE = "dense_rule"
 LABELS = {
     DENSE: "ours, dense",
+    DENSE_RULE: "ours, dense, untuned (rule's conv knobs)",
     FC: f"ours, FC weights {FC_RATE}",
     POLICY: f"ours, CPU policy (FC {FC_RATE} + CONV nodes {NODE_RATE})",
     TRAD: f"traditional (g=1), FC {FC_RATE}",
@@ -140,25 +146,43 @@ def policy_model(model: onnx.ModelProto, profile) -> onnx.ModelProto:
     return prune_onnx(model, FC_RATE if fc_weights else 0.0, profile).model
 
 
-def build_variants(model: onnx.ModelProto, profile) -> list[Variant]:
+def tune_conv_layers(models_: list[onnx.ModelProto], profile, trials: int, db: Path | None) -> float:
+    """``tvm-scalpel tune``'s conv half (flows.tune_convs) on each model, into ``db``; seconds."""
+    t0 = time.time()
+    if db is not None and trials:
+        for m in models_:
+            flows.tune_convs(m, db, target=profile, trials=trials, progress=False)
+    return time.time() - t0
+
+
+def build_variants(model: onnx.ModelProto, profile, conv_trials: int = 0,
+                   db: Path | None = None) -> tuple[list[Variant], float]:
+    """The pruned models, their conv layers tuned (``conv_trials`` knob candidates a shape, as
+    ``tune --conv-trials``), each compiled with the database as ``compile --db`` does; and the
+    dense model once more with the rule's knobs. Returns the variants and the tuning seconds."""
     specs = [(DENSE, model, "auto"),
              (FC, prune_onnx(model, FC_RATE, profile).model, "auto"),
              (POLICY, policy_model(model, profile), "auto"),
              (TRAD, prune_onnx(model, FC_RATE, profile, group_width=1).model, "sparse")]
+    tuning_s = tune_conv_layers([model, specs[2][1]], profile, conv_trials, db)
+    tuned = db if conv_trials and db is not None and db.exists() else None
+    specs.append((DENSE_RULE, model, "auto"))
     variants = []
     for key, onnx_model, mode in specs:
-        out = compile_onnx(onnx_model, profile, mode=mode)
+        out = compile_onnx(onnx_model, profile, mode=mode, tuning_db=None if key == DENSE_RULE else tuned)
         sparse = [d.name for d in out.layers if d.kernel is KernelKind.SPARSE]
         variants.append(Variant(key, onnx_model, out.executable, sum(d.weight_bytes for d in out.layers),
                                 f"{len(sparse)} of {len(out.layers)} layers grouped-sparse"))
-    return variants
+    return variants, tuning_s
 
 
 # ------------------------------------------------------------------------------ per layer
 
 
-def layer_times(model: onnx.ModelProto, batch: int, profile, min_repeat_ms: float) -> list[tuple[str, str, float]]:
-    """``(kernel, output shape, us)`` of each kernel call of our compiled model, in order."""
+def layer_times(model: onnx.ModelProto, batch: int, profile, min_repeat_ms: float,
+                db: Path | None = None) -> list[tuple[str, str, float]]:
+    """``(kernel, output shape, us)`` of each kernel call of our compiled model, in order (conv
+    knobs from the tuning database ``db`` where it has them)."""
     from tvm_scalpel.passes import scalpel_pipeline
     from tvm_scalpel.passes.graph import const_array
     from tvm.relax.backend import cpu_generic
@@ -168,8 +192,14 @@ def layer_times(model: onnx.ModelProto, batch: int, profile, min_repeat_ms: floa
     # can be compiled and timed on its own
     lowering = tvm.transform.Sequential(cpu_generic.library_dispatch_passes(profile.target)
                                         + cpu_generic.legalize_passes(profile.target))
+    conv_knobs_for = None
+    if db is not None and db.exists():
+        from tvm_scalpel.tuning import TuningDatabase
+
+        tuned = TuningDatabase(db)
+        conv_knobs_for = lambda shape: tuned.conv_knobs_for(profile, shape)  # noqa: E731
     with profile.target:
-        mod = scalpel_pipeline(profile, default_pipeline=lowering)(mod)
+        mod = scalpel_pipeline(profile, default_pipeline=lowering, conv_knobs_for=conv_knobs_for)(mod)
     rng = np.random.default_rng(0)
     rows = []
     compiled: dict[str, tvm.runtime.Module] = {}
@@ -215,8 +245,11 @@ def run_net(name: str, args, cfg: common.TimingConfig, profile) -> NetResult:
     res = NetResult(name, sum(int(np.prod(i.dims)) for i in model.graph.initializer), macs_per_image(model) / 1e9)
     log.info("%s: %.1fM parameters, %.2f GMACs per image (built in %.0f s)", name, res.params / 1e6,
              res.gmacs, time.time() - t0)
-    variants = build_variants(model, profile)
-    log.info("%s: 4 variants pruned and compiled in %.0f s", name, time.time() - t0)
+    variants, tuning_s = build_variants(model, profile, args.conv_trials, args.db)
+    if args.conv_trials:
+        res.notes.append(f"conv layers tuned ({args.conv_trials} knob candidates a shape, at batch 1; "
+                         f"{tuning_s:.0f} s)")
+    log.info("%s: %d variants pruned, conv-tuned and compiled in %.0f s", name, len(variants), time.time() - t0)
     for v in variants:
         res.onnx_bytes[v.key] = weight_bytes(v.model)
         res.kernel_bytes[v.key] = v.kernel_bytes
@@ -257,7 +290,7 @@ def run_net(name: str, args, cfg: common.TimingConfig, profile) -> NetResult:
             slow = common.TimingConfig(repeat=args.default_repeat, min_repeat_ms=0)
             res.times[bs][TVM_DEFAULT] = time_single(vm_sampler(default_vm, xt), slow)
         if not args.no_layers:
-            res.layers[bs] = {key: layer_times(v.model, bs, profile, args.layer_repeat_ms)
+            res.layers[bs] = {key: layer_times(v.model, bs, profile, args.layer_repeat_ms, args.db)
                               for key, v in ((v.key, v) for v in variants) if key in (DENSE, POLICY)}
         log.info("%s batch %d: ORT %s us, ours dense %s us, policy %s us", name, bs,
                  fmt_us(res.times[bs][f"{ORT}:{DENSE}"].median_us), fmt_us(res.times[bs][DENSE].median_us),
@@ -270,7 +303,7 @@ def run_net(name: str, args, cfg: common.TimingConfig, profile) -> NetResult:
 
 def whole_model_table(results: list[NetResult], bs: int) -> str:
     headers = ["network", "ORT dense us (threads)", "TVM default", "ours dense", LABELS[FC], LABELS[POLICY],
-               LABELS[TRAD], "ORT FC 0.9", "ORT policy", "ORT traditional"]
+               LABELS[TRAD], "ORT FC 0.9", "ORT policy", "ORT traditional", LABELS[DENSE_RULE]]
     rows = []
     for r in results:
         t = r.times.get(bs)
@@ -286,7 +319,7 @@ def whole_model_table(results: list[NetResult], bs: int) -> str:
 
         rows.append([r.name, f"{fmt_us(ref)} ({r.ort_threads[bs][DENSE]})", cell(TVM_DEFAULT), cell(DENSE),
                      cell(FC), cell(POLICY), cell(TRAD), cell(f"{ORT}:{FC}"), cell(f"{ORT}:{POLICY}"),
-                     cell(f"{ORT}:{TRAD}")])
+                     cell(f"{ORT}:{TRAD}"), cell(DENSE_RULE)])
     return markdown_table(headers, rows)
 
 
@@ -404,6 +437,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-layers", action="store_true", help="no per-layer table")
     p.add_argument("--layer-repeat-ms", type=float, default=20.0)
     p.add_argument("--top-layers", type=int, default=8, help="rows of each per-layer table")
+    p.add_argument("--conv-trials", type=int, default=8,
+                   help="tune each conv shape's kernel knobs first (as tune --conv-trials; 0: the rule)")
     common.add_timing_args(p)
     args = p.parse_args(argv)
     args.nets = [n.strip() for n in args.nets.split(",") if n.strip()]
@@ -430,7 +465,9 @@ def main(argv=None) -> int:
     profile = resolve_target("x86")
     info = machine_info(profile)
     t0 = time.time()
-    results = [run_net(name, args, cfg, profile) for name in args.nets]
+    with tempfile.TemporaryDirectory(prefix="bench-cnn-") as tmp:
+        args.db = Path(tmp) / "tuning.jsonl"
+        results = [run_net(name, args, cfg, profile) for name in args.nets]
     elapsed = time.time() - t0
     for bs in args.batches:
         print(f"\nbatch {bs}\n" + whole_model_table(results, bs))

@@ -25,6 +25,7 @@ def scalpel_pipeline(
     report: list[LayerDecision] | None = None,
     knobs_for=None,
     dense_kernel_for=None,
+    conv_knobs_for=None,
     fuse: bool = True,
     default_pipeline: tvm.transform.Pass | None = None,
 ) -> tvm.transform.Pass:
@@ -35,7 +36,8 @@ def scalpel_pipeline(
 
     ``group_width`` defaults to the target's fp32 SIMD width. ``report`` collects one
     ``LayerDecision`` per rewritten layer; ``knobs_for(n, k, g, rate)`` gives tuned kernel knobs
-    and ``dense_kernel_for(n, k, batch)`` a tuned dense kernel (see ``RewriteDenseLayers``);
+    and ``dense_kernel_for(n, k, batch)`` a tuned dense kernel (see ``RewriteDenseLayers``),
+    ``conv_knobs_for(shape)`` tuned conv kernel knobs (see ``RewriteConvLayers``);
     ``default_pipeline`` replaces TVM's default Relax pipeline for the target.
     Use: ``tvm.compile(mod, target, relax_pipeline=scalpel_pipeline(target, rate=0.9))``.
     """
@@ -43,7 +45,8 @@ def scalpel_pipeline(
     passes: list[tvm.transform.Pass] = []
     if rate is not None:
         passes.append(PruneWeightGroups(rate, default_group_width(profile, group_width), importance))
-    passes.append(RewriteConvLayers(profile, mode=mode, report=report, knobs_for=knobs_for))
+    passes.append(RewriteConvLayers(profile, mode=mode, report=report, knobs_for=knobs_for,
+                                    conv_knobs_for=conv_knobs_for))
     passes.append(RewriteDenseLayers(profile, mode=mode, report=report, knobs_for=knobs_for,
                                      dense_kernel_for=dense_kernel_for))
     if fuse:

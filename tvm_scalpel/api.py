@@ -119,6 +119,28 @@ def dense_layer_shapes(model: onnx.ModelProto) -> list[tuple[str, tuple[int, int
     return [(name or str(layer.matmul.name), layer.shape) for name, layer in zip(names, layers)]
 
 
+def conv_layer_shapes(model: onnx.ModelProto, batch: int = 1) -> list[tuple[str, object]]:
+    """``(ONNX weight name, schedules.ConvShape)`` of every conv layer the blocked conv kernel
+    takes, at ``batch``; one entry per distinct shape (layers of one shape share a kernel)."""
+    from .onnx_io import initializer_names, with_batch
+    from .passes.conv_layers import find_conv_layers
+    from .passes.rewrite_conv_layers import conv_shape
+
+    layers = find_conv_layers(to_relax(with_batch(model, batch))["main"], warn=False, kernels=True)
+    from .passes.graph import const_array
+
+    # the weight as the graph holds it (a folded BatchNorm changed layer.kernel)
+    kernels = [const_array(layer.weight_const) for layer in layers]
+    names = initializer_names(model, [k.reshape(k.shape[0], -1) for k in kernels])
+    out, seen = [], set()
+    for name, layer in zip(names, layers):
+        shape = conv_shape(layer, layer.data)
+        if shape not in seen:
+            seen.add(shape)
+            out.append((name or str(layer.conv.name), shape))
+    return out
+
+
 def tuned_group_widths(layers, rates, profile: TargetProfile, tuning_db) -> dict[int, int]:
     """Each layer's fastest measured g; the SIMD width (with a warning) where none is known."""
     from .tuning import Task, TuningDatabase
@@ -159,7 +181,7 @@ def build_relax(mod: tvm.IRModule, target=None, mode: str = "auto", fuse: bool =
     except ValueError:
         raise ScalpelError(f"TVM cannot compile whole models for target kind {profile.kind!r}") from None
     report: list[LayerDecision] = []
-    knobs_for = dense_kernel_for = None
+    knobs_for = dense_kernel_for = conv_knobs_for = None
     if tuning_db is not None:
         from .tuning import TuningDatabase
 
@@ -168,8 +190,10 @@ def build_relax(mod: tvm.IRModule, target=None, mode: str = "auto", fuse: bool =
         db = TuningDatabase(tuning_db)
         knobs_for = lambda n, k, g, rate: db.knobs_for(profile, n, k, g, rate)  # noqa: E731
         dense_kernel_for = _meta_schedule_kernels(db, profile, tuning_db)
+        conv_knobs_for = lambda shape: db.conv_knobs_for(profile, shape)  # noqa: E731
     pipeline = scalpel_pipeline(profile, mode=mode, report=report, knobs_for=knobs_for,
-                                dense_kernel_for=dense_kernel_for, fuse=fuse,
+                                dense_kernel_for=dense_kernel_for, conv_knobs_for=conv_knobs_for,
+                                fuse=fuse,
                                 default_pipeline=default_pipeline)
     exe = tvm.compile(mod, target=profile.target, relax_pipeline=pipeline)
     return CompileOutcome(exe, report, profile)

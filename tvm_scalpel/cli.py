@@ -117,8 +117,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
     results = flows.tune(args.model, args.db, target=profile, rate=args.rate,
                          last_layer_rate=args.last_layer_rate, batch=args.batch, trials=args.trials, dense_trials=args.dense_trials,
                          rpc=args.rpc, progress=not args.quiet, name=args.model)
-    print(format_table(flows.tune_headers(results), [r.row() for r in results]))
-    print(f"{sum(r.new_trials for r in results)} new measurements; database {args.db} (target "
+    convs = flows.tune_convs(args.model, args.db, target=profile, batch=args.batch,
+                             trials=args.conv_trials if args.rpc is None else 0,
+                             progress=not args.quiet)
+    if results:
+        print(format_table(flows.tune_headers(results), [r.row() for r in results]))
+    if convs:
+        print(format_table(flows.CONV_TUNE_HEADERS, [r.row() for r in convs]))
+    new = sum(r.new_trials for r in results) + sum(r.new_trials for r in convs)
+    print(f"{new} new measurements; database {args.db} (target "
           f"{profile.name}, rate {args.rate}, batch {args.batch})")
     return 0
 
@@ -366,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tune the layers that stay dense with meta_schedule, this many trials "
                         "each (x86; a minute or more per layer); compile --db --batch uses the "
                         "result where it beats our dense kernel")
+    u.add_argument("--conv-trials", type=parse_non_negative, default=8, metavar="TRIALS",
+                   help="knob candidates of the blocked conv kernel timed per conv shape (x86 "
+                        "here; 0: none); compile --db builds each conv layer with the fastest")
     u.add_argument("--rpc", default=None, metavar="ADDRESS",
                    help="measure on an RPC server: HOST:PORT, or tracker://HOST:PORT/KEY")
     u.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -522,6 +522,10 @@ def tune(model, db: str | os.PathLike, *, target="x86", rate: float = 0.9, batch
     cut = importable_part(model)  # post-processing TVM cannot import has no dense layer to tune
     shapes = dense_layer_shapes(model if cut is None else cut.model)
     if not shapes:
+        from .api import conv_layer_shapes
+
+        if profile.parallelism != "low" and conv_layer_shapes(model if cut is None else cut.model):
+            return []  # conv layers only (Network-in-Network): tune_convs has them
         raise ScalpelError(f"{name}: no dense layer to tune")
     database = TuningDatabase(db)
     rates = [rate] * len(shapes)
@@ -535,6 +539,67 @@ def tune(model, db: str | os.PathLike, *, target="x86", rate: float = 0.9, batch
             sparse_trials = trials if layer_rate > 0 else 0  # rate 0: the layer stays dense
             results.append(_tune_layer(layer, task, profile, database, sparse_trials, dense_trials,
                                        db, rpc, measure_fn, bar, dense_fn, unit))
+    return results
+
+
+@dataclass
+class ConvTuneResult:
+    """One conv shape, tuned: the fastest knobs of the blocked conv kernel."""
+
+    name: str  # the ONNX weight of its first layer
+    shape: object  # schedules.ConvShape
+    best: object  # schedules.ConvKnobs
+    seconds: float
+    rule_seconds: float | None  # the rule's knobs (schedules.default_conv_knobs)
+    new_trials: int
+
+    def row(self) -> list:
+        s, k = self.shape, self.best
+        what = f"{s.out_channels}x{s.in_channels // s.groups}x{s.kh}x{s.kw} @{s.height}x{s.width}"
+        if s.strides != (1, 1):
+            what += f" s{s.strides[0]}"
+        gain = "-" if not self.rule_seconds else f"{self.rule_seconds / self.seconds:.2f}x"
+        return [self.name, what, k.oc_block, k.ow_tile, "yes" if k.unroll_kw else "no",
+                f"{k.tiles_per_task}/{k.ic_step}", "positions" if k.positions_outer else "channels",
+                f"{self.seconds * 1e6:.1f}", "-" if self.rule_seconds is None else f"{self.rule_seconds * 1e6:.1f}",
+                gain, self.new_trials]
+
+
+CONV_TUNE_HEADERS = ["conv layer", "shape (OxIxKHxKW @HxW)", "channel block", "output tile",
+                     "kw unrolled", "tiles/task, ic step", "task order", "us", "rule's us",
+                     "speed-up", "new trials"]
+
+
+def tune_convs(model, db: str | os.PathLike, *, target="x86", batch: int = 1, trials: int = 8,
+               progress: bool = True) -> list[ConvTuneResult]:
+    """The conv half of ``tvm-scalpel tune``: for each conv shape the blocked conv kernel takes,
+    ``trials`` knob candidates around the rule (conv_tuning.py), timed here and appended to
+    ``db``; ``compile --db`` then builds each layer with the fastest. Nothing on targets we
+    cannot time here (other CPUs, microcontrollers, GPUs)."""
+    from tqdm import tqdm
+
+    from .api import conv_layer_shapes
+    from .conv_tuning import tune_conv
+    from .graph_cut import importable_part
+    from .targets import resolve_target
+    from .tuning import TuningDatabase
+
+    check_count(batch, "batch")
+    check_count(trials, "conv trials", 0)
+    profile = resolve_target(target)
+    if not trials or profile.name != "x86":
+        return []
+    model = _as_model(model)
+    cut = importable_part(model)
+    shapes = conv_layer_shapes(model if cut is None else cut.model, batch)
+    database = TuningDatabase(db)
+    results = []
+    with tqdm(total=len(shapes) * trials, desc="tune conv", unit="trial",
+              disable=None if progress else True, leave=False) as bar:
+        for name, shape in shapes:
+            best, secs, rule, new = tune_conv(profile, shape, database, trials, progress=bar)
+            bar.update(trials - new)
+            results.append(ConvTuneResult(name, shape, best, secs, rule, new))
     return results
 
 

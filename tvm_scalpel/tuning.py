@@ -109,6 +109,7 @@ class TuningDatabase:
         self.path = Path(path)
         self.records: dict[str, list[dict]] = {}
         self.dense: dict[str, dict[str, float]] = {}  # dense-layer key -> {kernel: seconds}
+        self.conv: dict[str, list[tuple[dict, float]]] = {}  # conv-shape key -> [(knobs, seconds)]
         if self.path.is_dir():
             raise ScalpelError(f"{self.path}: is a directory, not a tuning database")
         if self.path.exists():
@@ -123,6 +124,12 @@ class TuningDatabase:
                     key, secs = rec["key"], float(rec["seconds"] if "seconds" in rec else rec["instructions"])
                     if "dense" in rec:  # a dense layer's kernel: ours or meta_schedule's
                         self.dense.setdefault(key, {})[str(rec["dense"])] = secs
+                        continue
+                    if "conv" in rec:  # the blocked conv kernel's knobs (conv_tuning.py)
+                        from .conv_tuning import knobs_from
+
+                        knobs_from(rec["conv"])
+                        self.conv.setdefault(key, []).append((dict(rec["conv"]), secs))
                         continue
                     cand = rec["candidate"]
                     Candidate(**cand)
@@ -151,6 +158,29 @@ class TuningDatabase:
     @staticmethod
     def dense_key(profile: TargetProfile, n: int, k: int, batch: int) -> str:
         return json.dumps([str(profile.target), n, k, "dense", batch])
+
+    def add_conv(self, profile: TargetProfile, shape, knobs, seconds: float) -> None:
+        """Record the blocked conv kernel's time for ``shape`` built with ``knobs``."""
+        from .conv_tuning import record
+
+        rec = record(profile, shape, knobs, seconds)
+        self._append(rec)
+        self.conv.setdefault(rec["key"], []).append((rec["conv"], seconds))
+
+    def conv_times(self, profile: TargetProfile, shape) -> dict:
+        """``{ConvKnobs: seconds}`` measured for ``shape`` on this target (the fastest of repeats)."""
+        from .conv_tuning import conv_key, knobs_from
+
+        times: dict = {}
+        for knobs, seconds in self.conv.get(conv_key(profile, shape), []):
+            k = knobs_from(knobs)
+            times[k] = min(seconds, times.get(k, float("inf")))
+        return times
+
+    def conv_knobs_for(self, profile: TargetProfile, shape):
+        """The fastest recorded conv knobs for ``shape``, or None (the rule then applies)."""
+        times = self.conv_times(profile, shape)
+        return min(times, key=times.get) if times else None
 
     def add_dense(self, profile: TargetProfile, n: int, k: int, batch: int, kernel: str,
                   seconds: float, unit: str = "seconds") -> None:

@@ -1,0 +1,125 @@
+"""Tuning the blocked conv kernel: its knobs measured per conv shape on this machine.
+
+The rule (``schedules.default_conv_knobs``) is close to the best on most layers, but not on
+all: on AVX-512 the best output tile of a strided RGB stem, the channel block of a 7x7 layer
+and the task order of a large image differ by 5-40% from it. ``tune`` times a few candidates
+around the rule (output tile, channel block, kw unrolling, cache blocking, task order) for
+each conv shape of the model and records them in the tuning database; ``compile --db`` builds
+each layer with the fastest recorded knobs (the rule where the database has none).
+
+Records are JSON lines ``{"key": [...], "conv": {knobs}, "seconds": s}``, keyed by the target
+and the whole conv shape at its batch (a model with a free batch looks up batch 1).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, replace
+
+import numpy as np
+
+from .targets import TargetProfile
+
+log = logging.getLogger("tvm_scalpel.tuning")
+
+
+def conv_key(profile: TargetProfile, shape) -> str:
+    batch = shape.batch if isinstance(shape.batch, int) else 1
+    return json.dumps([str(profile.target), "conv", batch, shape.in_channels, shape.height,
+                       shape.width, shape.out_channels, shape.kh, shape.kw, list(shape.strides),
+                       list(shape.padding), list(shape.dilation), shape.groups])
+
+
+def conv_candidates(profile: TargetProfile, shape) -> list:
+    """The rule's knobs first, then variants of it, without repeats: the output tile a few
+    pixels either way, the channel block of one, two or four vectors (with the tile the
+    registers then allow), kw unrolled or not, the other task order, cache blocking on / off."""
+    from .schedules import default_conv_knobs
+
+    base = default_conv_knobs(profile, shape)
+    lanes = max(profile.simd_width, 1)
+    out = [base]
+
+    def add(knobs) -> None:
+        if knobs.ow_tile >= 1 and knobs not in out:
+            out.append(knobs)
+
+    if shape.depthwise:
+        for tile in (base.ow_tile - 2, base.ow_tile + 2, base.ow_tile // 2):
+            add(replace(base, ow_tile=max(1, tile)))
+        return out
+    vectors = base.oc_block // lanes
+    ocg = shape.out_channels // shape.groups
+    for tile in (base.ow_tile - 2, base.ow_tile - 4, max(1, base.ow_tile // 2), base.ow_tile + 2):
+        add(replace(base, ow_tile=max(1, tile)))
+    add(replace(base, unroll_kw=not base.unroll_kw))
+    add(replace(base, unroll_kw=not base.unroll_kw, ow_tile=max(1, base.ow_tile // 2)))
+    if ocg > 2 * lanes:  # four vectors of output channels, half the tile
+        add(replace(base, oc_block=4 * lanes, ow_tile=max(1, base.ow_tile * vectors // 4)))
+    if vectors == 2:  # one vector, twice the tile
+        add(replace(base, oc_block=lanes, ow_tile=base.ow_tile * 2))
+    add(replace(base, positions_outer=not base.positions_outer))
+    if base.tiles_per_task > 1:
+        add(replace(base, tiles_per_task=1, ic_step=0))
+        add(replace(base, tiles_per_task=base.tiles_per_task * 2))
+    else:
+        oh, ow = shape.out_size
+        tiles = -(-oh * ow // base.ow_tile)
+        if tiles > 1:  # every tile of an image in one task, the weights streamed once
+            add(replace(base, tiles_per_task=min(tiles, 8), ic_step=1))
+    return out
+
+
+def time_conv(profile: TargetProfile, shape, knobs, seed: int = 0, min_repeat_ms: int = 20) -> float:
+    """Seconds per call of the blocked conv kernel for ``shape`` built with ``knobs`` (random
+    weights and input; the batch of a free-batch shape is 1)."""
+    import tvm
+
+    from .schedules import conv2d, pack_conv_bias, pack_conv_weight
+
+    if not isinstance(shape.batch, int):
+        shape = replace(shape, batch=1)
+    func = conv2d(profile, shape, knobs, relu=True).with_attr("global_symbol", "main")
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=profile.target)
+    rng = np.random.default_rng(seed)
+    ci = shape.in_channels // shape.groups
+    w = rng.standard_normal((shape.out_channels, ci, shape.kh, shape.kw)).astype(np.float32)
+    x = rng.standard_normal((shape.batch, shape.in_channels, shape.height, shape.width)).astype(np.float32)
+    oh, ow = shape.out_size
+    dev = tvm.cpu()
+    args = [tvm.runtime.tensor(a, dev) for a in (
+        x, pack_conv_weight(w, shape, knobs), pack_conv_bias(None, shape, knobs),
+        np.zeros((shape.batch, shape.out_channels, oh, ow), np.float32))]
+    timer = lib.mod.time_evaluator("main", dev, number=1, repeat=5, min_repeat_ms=min_repeat_ms)
+    return float(np.median(timer(*args).results))
+
+
+def knobs_from(record: dict):
+    from .schedules import ConvKnobs
+
+    return ConvKnobs(**record)
+
+
+def tune_conv(profile: TargetProfile, shape, db, trials: int, progress=None):
+    """Measure candidates for ``shape`` until ``trials`` are known in ``db`` (the rule's knobs
+    always among them); returns ``(best knobs, seconds, rule's seconds, new measurements)``."""
+    known = db.conv_times(profile, shape)
+    new = 0
+    for knobs in conv_candidates(profile, shape)[:max(trials, 1)]:
+        if knobs in known:
+            continue
+        seconds = time_conv(profile, shape, knobs)
+        db.add_conv(profile, shape, knobs, seconds)
+        known[knobs] = seconds
+        new += 1
+        if progress is not None:
+            progress.update(1)
+    from .schedules import default_conv_knobs
+
+    best = min(known, key=known.get)
+    return best, known[best], known.get(default_conv_knobs(profile, shape)), new
+
+
+def record(profile: TargetProfile, shape, knobs, seconds: float, unit: str = "seconds") -> dict:
+    return {"key": conv_key(profile, shape), "conv": asdict(knobs), unit: seconds}
