@@ -105,52 +105,64 @@ def pixel_tile(ow: int) -> int:
     return PIXEL_TILE if ow >= PIXEL_TILE else 1
 
 
-def conv(in_shape, out_shape, kernel, stride, relu: bool, has_bias: bool) -> tirx.PrimFunc:
+def float_numerics(relu: bool) -> dict:
+    """The fp32 kernels' types and arithmetic (kernels_q15.q15_numerics: the int16 ones)."""
+    return dict(data="float32", acc="float32", bias="float32",
+                mac=lambda acc, w, x: acc + w * x, finish=_epilogue(relu))
+
+
+def direct_conv(in_shape, out_shape, kernel, stride, has_bias: bool, data: str, acc: str, bias: str,
+                mac, finish) -> tirx.PrimFunc:
     """Direct convolution, NCHW, no padding (a pad layer comes first): PIXEL_TILE outputs of a
-    row at a time, accumulated in registers; the window's row unrolled."""
+    row at a time, accumulated in registers; the window's row unrolled. ``data``/``acc``/``bias``
+    are the types, ``mac(acc, w, x)`` one multiply-add, ``finish(acc)`` the stored value."""
     ci, h, wd = in_shape
     co, oh, ow = out_shape
     kh, kw = kernel
     sh, sw = stride
-    act = _epilogue(relu)
     pt = pixel_tile(ow)
     tiles = ow // pt
+    zero = tirx.const(0, acc)
 
     @T.prim_func(private=True, s_tir=True)
-    def f(x_ptr: T.handle("float32"), w_ptr: T.handle("float32"), b_ptr: T.handle("float32"),
-          y_ptr: T.handle("float32")):
+    def f(x_ptr: T.handle(data), w_ptr: T.handle(data), b_ptr: T.handle(bias), y_ptr: T.handle(data)):
         T.func_attr({"tirx.noalias": True})
-        x = T.decl_buffer((ci * h * wd,), "float32", data=x_ptr)
-        w = T.decl_buffer((co * ci * kh * kw,), "float32", data=w_ptr)
-        b = T.decl_buffer((co,), "float32", data=b_ptr)
-        y = T.decl_buffer((co * oh * ow,), "float32", data=y_ptr)
-        acc = T.alloc_buffer((pt,), "float32", scope="global")
+        x = T.decl_buffer((ci * h * wd,), data, data=x_ptr)
+        w = T.decl_buffer((co * ci * kh * kw,), data, data=w_ptr)
+        b = T.decl_buffer((co,), bias, data=b_ptr)
+        y = T.decl_buffer((co * oh * ow,), data, data=y_ptr)
+        a = T.alloc_buffer((pt,), acc, scope="global")
         for o, r in T.grid(co, oh):
             for t in range(tiles):
                 for p in T.unroll(pt):
                     if has_bias:
-                        acc[p] = b[o]
+                        a[p] = b[o]
                     else:
-                        acc[p] = T.float32(0)
+                        a[p] = zero
                 for i, u in T.grid(ci, kh):
                     for v in T.unroll(kw):
                         for p in T.unroll(pt):
-                            acc[p] = acc[p] + w[((o * ci + i) * kh + u) * kw + v] * \
-                                x[(i * h + r * sh + u) * wd + (t * pt + p) * sw + v]
+                            a[p] = mac(a[p], w[((o * ci + i) * kh + u) * kw + v],
+                                       x[(i * h + r * sh + u) * wd + (t * pt + p) * sw + v])
                 for p in T.unroll(pt):
-                    y[(o * oh + r) * ow + t * pt + p] = act(acc[p])
+                    y[(o * oh + r) * ow + t * pt + p] = finish(a[p])
             for c in range(tiles * pt, ow):
                 if has_bias:
-                    acc[0] = b[o]
+                    a[0] = b[o]
                 else:
-                    acc[0] = T.float32(0)
+                    a[0] = zero
                 for i, u in T.grid(ci, kh):
                     for v in T.unroll(kw):
-                        acc[0] = acc[0] + w[((o * ci + i) * kh + u) * kw + v] * \
-                            x[(i * h + r * sh + u) * wd + c * sw + v]
-                y[(o * oh + r) * ow + c] = act(acc[0])
+                        a[0] = mac(a[0], w[((o * ci + i) * kh + u) * kw + v],
+                                   x[(i * h + r * sh + u) * wd + c * sw + v])
+                y[(o * oh + r) * ow + c] = finish(a[0])
 
     return f
+
+
+def conv(in_shape, out_shape, kernel, stride, relu: bool, has_bias: bool) -> tirx.PrimFunc:
+    """The fp32 direct convolution (:func:`direct_conv`)."""
+    return direct_conv(in_shape, out_shape, kernel, stride, has_bias, **float_numerics(relu))
 
 
 def patch_offsets(in_shape, kernel, g: int) -> np.ndarray:
@@ -164,60 +176,67 @@ def patch_offsets(in_shape, kernel, g: int) -> np.ndarray:
     return np.concatenate([offsets, np.zeros(padded - offsets.size, np.int32)])
 
 
-def grouped_sparse_conv(sparse: GroupedSparseMatrix, in_shape, out_shape, kernel, stride,
-                        relu: bool, has_bias: bool) -> tirx.PrimFunc:
+def sparse_conv(sparse: GroupedSparseMatrix, in_shape, out_shape, kernel, stride, has_bias: bool,
+                data: str, acc: str, bias: str, mac, finish) -> tirx.PrimFunc:
     """Convolution over the kept groups of the unfolded ``[CO, CI*KH*KW]`` weight: per output,
     one group-column index per g weights, each weight's input found through the patch offset
     table (the unfolded axis crosses window rows, so a group is not contiguous in the input).
-    PIXEL_TILE outputs of a row share each weight, index and offset load."""
+    PIXEL_TILE outputs of a row share each weight, index and offset load. Types and arithmetic
+    as :func:`direct_conv`."""
     ci, h, wd = in_shape
     co, oh, ow = out_shape
     sh, sw = stride
     g = sparse.group_width
     groups = max(sparse.n_groups, 1)
     patch = -(-sparse.shape[1] // g) * g
-    act = _epilogue(relu)
     pt = pixel_tile(ow)
     tiles = ow // pt
+    zero = tirx.const(0, acc)
 
     @T.prim_func(private=True, s_tir=True)
-    def f(x_ptr: T.handle("float32"), vals_ptr: T.handle("float32"), cols_ptr: T.handle("int32"),
-          indptr_ptr: T.handle("int32"), off_ptr: T.handle("int32"), b_ptr: T.handle("float32"),
-          y_ptr: T.handle("float32")):
+    def f(x_ptr: T.handle(data), vals_ptr: T.handle(data), cols_ptr: T.handle("int32"),
+          indptr_ptr: T.handle("int32"), off_ptr: T.handle("int32"), b_ptr: T.handle(bias),
+          y_ptr: T.handle(data)):
         T.func_attr({"tirx.noalias": True})
-        x = T.decl_buffer((ci * h * wd,), "float32", data=x_ptr)
-        vals = T.decl_buffer((groups * g,), "float32", data=vals_ptr)
+        x = T.decl_buffer((ci * h * wd,), data, data=x_ptr)
+        vals = T.decl_buffer((groups * g,), data, data=vals_ptr)
         cols = T.decl_buffer((groups,), "int32", data=cols_ptr)
         indptr = T.decl_buffer((co + 1,), "int32", data=indptr_ptr)
         off = T.decl_buffer((patch,), "int32", data=off_ptr)
-        b = T.decl_buffer((co,), "float32", data=b_ptr)
-        y = T.decl_buffer((co * oh * ow,), "float32", data=y_ptr)
-        acc = T.alloc_buffer((pt,), "float32", scope="global")
+        b = T.decl_buffer((co,), bias, data=b_ptr)
+        y = T.decl_buffer((co * oh * ow,), data, data=y_ptr)
+        a = T.alloc_buffer((pt,), acc, scope="global")
         for o, r in T.grid(co, oh):
             for t in range(tiles):
                 for p in T.unroll(pt):
                     if has_bias:
-                        acc[p] = b[o]
+                        a[p] = b[o]
                     else:
-                        acc[p] = T.float32(0)
+                        a[p] = zero
                 for j in range(indptr[o], indptr[o + 1]):
                     for q in T.unroll(g):
                         for p in T.unroll(pt):
-                            acc[p] = acc[p] + vals[j * g + q] * \
-                                x[r * sh * wd + (t * pt + p) * sw + off[cols[j] * g + q]]
+                            a[p] = mac(a[p], vals[j * g + q],
+                                       x[r * sh * wd + (t * pt + p) * sw + off[cols[j] * g + q]])
                 for p in T.unroll(pt):
-                    y[(o * oh + r) * ow + t * pt + p] = act(acc[p])
+                    y[(o * oh + r) * ow + t * pt + p] = finish(a[p])
             for c in range(tiles * pt, ow):
                 if has_bias:
-                    acc[0] = b[o]
+                    a[0] = b[o]
                 else:
-                    acc[0] = T.float32(0)
+                    a[0] = zero
                 for j in range(indptr[o], indptr[o + 1]):
                     for q in T.unroll(g):
-                        acc[0] = acc[0] + vals[j * g + q] * x[r * sh * wd + c * sw + off[cols[j] * g + q]]
-                y[(o * oh + r) * ow + c] = act(acc[0])
+                        a[0] = mac(a[0], vals[j * g + q], x[r * sh * wd + c * sw + off[cols[j] * g + q]])
+                y[(o * oh + r) * ow + c] = finish(a[0])
 
     return f
+
+
+def grouped_sparse_conv(sparse: GroupedSparseMatrix, in_shape, out_shape, kernel, stride,
+                        relu: bool, has_bias: bool) -> tirx.PrimFunc:
+    """The fp32 grouped-sparse convolution (:func:`sparse_conv`)."""
+    return sparse_conv(sparse, in_shape, out_shape, kernel, stride, has_bias, **float_numerics(relu))
 
 
 def pool(op: str, in_shape, out_shape, kernel, stride, relu: bool) -> tirx.PrimFunc:

@@ -17,7 +17,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from ..format import GroupedSparseMatrix
-from .kernels import pixel_tile
+from .kernels import direct_conv, sparse_conv
 
 
 def _requant(shift: int, relu: bool):
@@ -150,105 +150,22 @@ def grouped_sparse(sparse: GroupedSparseMatrix, shift: int, relu: bool, has_bias
     return f
 
 
+def q15_numerics(shift: int, relu: bool) -> dict:
+    """int16 data and weights, int32 accumulator and bias, requantized by ``shift``."""
+    return dict(data="int16", acc="int32", bias="int32",
+                mac=lambda acc, w, x: acc + T.Cast("int32", w) * T.Cast("int32", x),
+                finish=_requant(shift, relu))
+
+
 def conv(in_shape, out_shape, kernel, stride, shift: int, relu: bool, has_bias: bool) -> tirx.PrimFunc:
-    """Direct int16 convolution, PIXEL_TILE outputs of a row at a time (as the fp32 kernel)."""
-    ci, h, wd = in_shape
-    co, oh, ow = out_shape
-    kh, kw = kernel
-    sh, sw = stride
-    out = _requant(shift, relu)
-    pt = pixel_tile(ow)
-    tiles = ow // pt
-
-    @T.prim_func(private=True, s_tir=True)
-    def f(x_ptr: T.handle("int16"), w_ptr: T.handle("int16"), b_ptr: T.handle("int32"),
-          y_ptr: T.handle("int16")):
-        T.func_attr({"tirx.noalias": True})
-        x = T.decl_buffer((ci * h * wd,), "int16", data=x_ptr)
-        w = T.decl_buffer((co * ci * kh * kw,), "int16", data=w_ptr)
-        b = T.decl_buffer((co,), "int32", data=b_ptr)
-        y = T.decl_buffer((co * oh * ow,), "int16", data=y_ptr)
-        acc = T.alloc_buffer((pt,), "int32", scope="global")
-        for o, r in T.grid(co, oh):
-            for t in range(tiles):
-                for p in T.unroll(pt):
-                    if has_bias:
-                        acc[p] = b[o]
-                    else:
-                        acc[p] = 0
-                for i, u in T.grid(ci, kh):
-                    for v in T.unroll(kw):
-                        for p in T.unroll(pt):
-                            acc[p] = acc[p] + T.Cast("int32", w[((o * ci + i) * kh + u) * kw + v]) * \
-                                T.Cast("int32", x[(i * h + r * sh + u) * wd + (t * pt + p) * sw + v])
-                for p in T.unroll(pt):
-                    y[(o * oh + r) * ow + t * pt + p] = out(acc[p])
-            for c in range(tiles * pt, ow):
-                if has_bias:
-                    acc[0] = b[o]
-                else:
-                    acc[0] = 0
-                for i, u in T.grid(ci, kh):
-                    for v in T.unroll(kw):
-                        acc[0] = acc[0] + T.Cast("int32", w[((o * ci + i) * kh + u) * kw + v]) * \
-                            T.Cast("int32", x[(i * h + r * sh + u) * wd + c * sw + v])
-                y[(o * oh + r) * ow + c] = out(acc[0])
-
-    return f
+    """Direct int16 convolution (the fp32 kernel's loops, kernels.direct_conv)."""
+    return direct_conv(in_shape, out_shape, kernel, stride, has_bias, **q15_numerics(shift, relu))
 
 
 def grouped_sparse_conv(sparse: GroupedSparseMatrix, in_shape, out_shape, kernel, stride,
                         shift: int, relu: bool, has_bias: bool) -> tirx.PrimFunc:
-    """int16 grouped-sparse convolution, PIXEL_TILE outputs of a row at a time (as fp32)."""
-    ci, h, wd = in_shape
-    co, oh, ow = out_shape
-    sh, sw = stride
-    g = sparse.group_width
-    groups = max(sparse.n_groups, 1)
-    patch = -(-sparse.shape[1] // g) * g
-    out = _requant(shift, relu)
-    pt = pixel_tile(ow)
-    tiles = ow // pt
-
-    @T.prim_func(private=True, s_tir=True)
-    def f(x_ptr: T.handle("int16"), vals_ptr: T.handle("int16"), cols_ptr: T.handle("int32"),
-          indptr_ptr: T.handle("int32"), off_ptr: T.handle("int32"), b_ptr: T.handle("int32"),
-          y_ptr: T.handle("int16")):
-        T.func_attr({"tirx.noalias": True})
-        x = T.decl_buffer((ci * h * wd,), "int16", data=x_ptr)
-        vals = T.decl_buffer((groups * g,), "int16", data=vals_ptr)
-        cols = T.decl_buffer((groups,), "int32", data=cols_ptr)
-        indptr = T.decl_buffer((co + 1,), "int32", data=indptr_ptr)
-        off = T.decl_buffer((patch,), "int32", data=off_ptr)
-        b = T.decl_buffer((co,), "int32", data=b_ptr)
-        y = T.decl_buffer((co * oh * ow,), "int16", data=y_ptr)
-        acc = T.alloc_buffer((pt,), "int32", scope="global")
-        for o, r in T.grid(co, oh):
-            for t in range(tiles):
-                for p in T.unroll(pt):
-                    if has_bias:
-                        acc[p] = b[o]
-                    else:
-                        acc[p] = 0
-                for j in range(indptr[o], indptr[o + 1]):
-                    for q in T.unroll(g):
-                        for p in T.unroll(pt):
-                            acc[p] = acc[p] + T.Cast("int32", vals[j * g + q]) * T.Cast(
-                                "int32", x[r * sh * wd + (t * pt + p) * sw + off[cols[j] * g + q]])
-                for p in T.unroll(pt):
-                    y[(o * oh + r) * ow + t * pt + p] = out(acc[p])
-            for c in range(tiles * pt, ow):
-                if has_bias:
-                    acc[0] = b[o]
-                else:
-                    acc[0] = 0
-                for j in range(indptr[o], indptr[o + 1]):
-                    for q in T.unroll(g):
-                        acc[0] = acc[0] + T.Cast("int32", vals[j * g + q]) * \
-                            T.Cast("int32", x[r * sh * wd + c * sw + off[cols[j] * g + q]])
-                y[(o * oh + r) * ow + c] = out(acc[0])
-
-    return f
+    """int16 grouped-sparse convolution (the fp32 kernel's loops, kernels.sparse_conv)."""
+    return sparse_conv(sparse, in_shape, out_shape, kernel, stride, has_bias, **q15_numerics(shift, relu))
 
 
 def pool(op: str, in_shape, out_shape, kernel, stride, relu: bool) -> tirx.PrimFunc:
