@@ -18,6 +18,7 @@ channels and short patches of small CNNs.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import numpy as np
 import tvm
@@ -28,7 +29,7 @@ from tvm_scalpel.decisions import LayerDecision
 from tvm_scalpel.targets import resolve_target
 
 from .conv_layers import ConvLayer, find_conv_layers
-from .graph import GraphRewriter, RewritePlan
+from .graph import GraphIndex, GraphRewriter, RewritePlan
 from .rewrite_dense_layers import KernelLowering, Mode
 
 log = logging.getLogger("tvm_scalpel.passes")
@@ -98,13 +99,16 @@ def _lower_patch(bb: relax.BlockBuilder, lowering: KernelLowering, layer: ConvLa
 
 
 def _lower_blocked(bb: relax.BlockBuilder, profile, layer: ConvLayer, data: relax.Expr,
-                   residual: relax.Expr | None, knobs_for=None) -> relax.Expr:
-    """One call of the NCHW[x]c conv kernel (bias, residual and ReLU fused)."""
-    shape = conv_shape(layer, data)
+                   residual: relax.Expr | None, knobs_for=None,
+                   io: schedules.ConvIO = schedules.NCHW, shape: schedules.ConvShape | None = None):
+    """One call of the NCHW[x]c conv kernel (bias, residual and ReLU fused), and the blocked
+    layout of its output when ``io.blocked_out`` (else None). ``shape``: the layer's, when
+    ``data`` is blocked (its type is not NCHW then)."""
+    shape = shape or conv_shape(layer, data)
     knobs = (knobs_for(shape) if knobs_for is not None else None) or schedules.default_conv_knobs(
         profile, shape)
     func = schedules.conv2d(profile, shape, knobs, relu=layer.relu, residual=residual is not None,
-                            pool=layer.pool)
+                            pool=layer.pool, io=io)
     o, i, kh, kw = layer.kernel.shape
     kind = "dw" if shape.depthwise else (f"g{shape.groups}_" if shape.groups > 1 else "")
     gv = bb.add_func(func, f"scalpel_conv_{kind}{o}x{i}x{kh}x{kw}")
@@ -112,10 +116,30 @@ def _lower_blocked(bb: relax.BlockBuilder, profile, layer: ConvLayer, data: rela
             relax.const(schedules.pack_conv_bias(layer.bias, shape, knobs))]
     if residual is not None:
         args.append(residual)
+    batch = data.ty.shape.values[0]
+    if io.blocked_out:
+        layout = schedules.conv_output_layout(shape, knobs, layer.pool)
+        out_ty = relax.TensorType((batch, -(-o // layout.block), layout.positions, layout.block),
+                                  "float32")
+        return relax.call_tir(gv, args, out_ty=out_ty), layout
     oh, ow = shape.out_size
     if layer.pool is not None:
         oh, ow = layer.pool.out_size(oh, ow)
-    return relax.call_tir(gv, args, out_ty=relax.TensorType((data.ty.shape.values[0], o, oh, ow), "float32"))
+    return relax.call_tir(gv, args, out_ty=relax.TensorType((batch, o, oh, ow), "float32")), None
+
+
+def blocked_outputs(func: relax.Function, blocked: list[ConvLayer]) -> set[relax.Var]:
+    """The outputs of the ``blocked`` layers (those lowered to the NCHW[x]c kernel) that only
+    blocked layers read, as their data or their residual: these stay in the blocked layout.
+    Any other reader (a pool, a reshape, the function's result) needs NCHW."""
+    reads: dict[relax.Var, int] = {}
+    for layer in blocked:
+        for var in (layer.data, layer.residual):
+            if isinstance(var, relax.Var):
+                reads[var] = reads.get(var, 0) + 1
+    uses = GraphIndex(func).uses
+    return {layer.output for layer in blocked
+            if reads.get(layer.output, 0) and reads[layer.output] == uses.get(layer.output, 0)}
 
 
 @tvm.transform.module_pass(opt_level=0, name="RewriteConvLayers")
@@ -138,7 +162,10 @@ class RewriteConvLayers:
         y = call_tir(conv2d_nchwc, (x, W_packed, bias_packed[, skip]))   # NCHW in and out
 
     with a following inference BatchNormalization folded into ``W`` and the bias, and a
-    residual ``add``, ReLU and a max pooling that only it reads fused. On targets we have no dense kernels for (GPUs), conv layers
+    residual ``add``, ReLU and a max pooling that only it reads fused. Where only such
+    (ungrouped) layers read a layer's output, as data or as residual, it stays in the blocked
+    layout, ``[B, O/ob, positions, ob]`` (``blocked_outputs``; ``keep_blocked=False`` turns
+    this off): layout changes happen at the edges of runs of conv layers only. On targets we have no dense kernels for (GPUs), conv layers
     are left to TVM.
 
     Parameters are those of ``RewriteDenseLayers``; reported decisions have ``kind="conv"``,
@@ -148,8 +175,9 @@ class RewriteConvLayers:
     """
 
     def __init__(self, target=None, mode: Mode = "auto", report: list[LayerDecision] | None = None,
-                 knobs_for=None, conv_knobs_for=None):
+                 knobs_for=None, conv_knobs_for=None, keep_blocked: bool = True):
         self.profile = resolve_target(target)
+        self.keep_blocked = keep_blocked
         self.mode = mode
         self.report = report
         self.knobs_for = knobs_for
@@ -162,26 +190,62 @@ class RewriteConvLayers:
 
         def plan_of(func: relax.Function) -> RewritePlan:
             plan = RewritePlan()
+            chosen = []
             for layer in find_conv_layers(func, kernels=True):
                 if layer.groups == 1:
                     decision, sparse = lowering.decide(layer, kind="conv")
                 else:  # no sparse grouped kernel: the blocked one
                     decision, sparse = _grouped_decision(layer), None
-                plan.bindings[layer.output] = lambda bb, visit, layer=layer, sparse=sparse: lower(
-                    bb, layer, visit(layer.data), sparse,
-                    visit(layer.residual) if layer.residual is not None else None)
+                chosen.append((layer, sparse))
                 if self.report is not None:
                     self.report.append(decision)
                 log.info("conv layer %s %s -> %s (g=%d, density %.3f)", decision.name,
                          decision.shape, decision.kernel, decision.group_width, decision.density)
+            # ungrouped dense layers pass blocked tensors to each other (see ConvIO)
+            blocked = [layer for layer, sparse in chosen if sparse is None and layer.groups == 1]
+            stay_blocked = blocked_outputs(func, blocked) if self.keep_blocked else set()
+            layouts: dict[relax.Var, schedules.Blocked] = {}  # original output var -> layout
+            index = GraphIndex(func)
+            for layer, sparse in chosen:
+                plan.bindings[layer.output] = lambda bb, visit, layer=layer, sparse=sparse: lower(
+                    bb, layer, visit, sparse, layouts, layer.output in stay_blocked)
+                if layer.data in stay_blocked:
+                    # the layer's inner bindings (conv2d, bias add, batch norm, ...) are dead
+                    # after the rewrite, but are visited first: stand them for the (blocked)
+                    # data rather than re-infer them on it
+                    for var in _chain(index, layer):
+                        plan.bindings[var] = lambda bb, visit, layer=layer: visit(layer.data)
             return plan
 
-        def lower(bb, layer, data, sparse, residual):
+        def lower(bb, layer, visit, sparse, layouts, blocked_out):
+            data = visit(layer.data)
+            residual = visit(layer.residual) if layer.residual is not None else None
             if sparse is not None:
                 return _lower_patch(bb, lowering, layer, data, sparse, residual)
-            return _lower_blocked(bb, self.profile, layer, data, residual, self.conv_knobs_for)
+            io = schedules.ConvIO(layouts.get(layer.data), layouts.get(layer.residual),
+                                  blocked_out)
+            shape = conv_shape(layer, layer.data) if io.data is not None else None
+            if shape is not None and not isinstance(shape.batch, int):
+                shape = replace(shape, batch=data.ty.shape.values[0])
+            call, layout = _lower_blocked(bb, self.profile, layer, data, residual,
+                                          self.conv_knobs_for, io, shape)
+            if layout is not None:
+                layouts[layer.output] = layout
+            return call
 
         return GraphRewriter(mod).rewrite(mod, plan_of)
+
+
+def _chain(index: GraphIndex, layer: ConvLayer) -> list[relax.Var]:
+    """The bindings from the layer's conv2d up to, not including, its output."""
+    chain, todo = [], [layer.conv]
+    while todo:
+        var = todo.pop()
+        if var.same_as(layer.output) or var in chain:
+            continue
+        chain.append(var)
+        todo += index.readers.get(var, [])
+    return chain
 
 
 def _grouped_decision(layer: ConvLayer) -> LayerDecision:

@@ -16,7 +16,7 @@ from tvm_scalpel.errors import ScalpelError
 from tvm_scalpel.targets import TargetProfile
 
 from . import aarch64, conv_cpu, cortex_m4, cpu_kernels, cuda, x86
-from .conv_cpu import ConvKnobs, ConvShape, MaxPool
+from .conv_cpu import NCHW, Blocked, ConvIO, ConvKnobs, ConvShape, MaxPool
 from .spec import CpuKnobs, LayerSpec, PackedGroupedSparse, TargetRule, pack_dense, pack_grouped_sparse
 
 __all__ = [
@@ -38,8 +38,12 @@ __all__ = [
     "ConvKnobs",
     "ConvShape",
     "MaxPool",
+    "Blocked",
+    "ConvIO",
+    "NCHW",
     "default_conv_knobs",
     "conv2d",
+    "conv_output_layout",
     "pack_conv_weight",
     "pack_conv_bias",
 ]
@@ -151,14 +155,21 @@ def default_conv_knobs(profile: TargetProfile, shape: ConvShape) -> ConvKnobs:
 
 
 def conv2d(profile: TargetProfile, shape: ConvShape, knobs: ConvKnobs | None = None,
-           relu: bool = False, residual: bool = False, pool: MaxPool | None = None) -> tirx.PrimFunc:
+           relu: bool = False, residual: bool = False, pool: MaxPool | None = None,
+           io: ConvIO = NCHW) -> tirx.PrimFunc:
     """The blocked (NCHW[x]c) dense / grouped / depthwise conv kernel: parameters ``data,
     weight, bias[, residual], out``, data and out NCHW, weight and bias packed by
     :func:`pack_conv_weight` / :func:`pack_conv_bias` with the same knobs, ``out`` max-pooled
-    by ``pool`` when given; CPU targets only."""
+    by ``pool`` when given; ``io``: which of data, residual and out are blocked instead
+    (:class:`ConvIO`, ungrouped convs); CPU targets only."""
     rule = _cpu_rule(profile)
     knobs = knobs or rule.default_conv_knobs(profile, shape)
-    return rule.conv2d(profile, shape, knobs, relu, residual, pool)
+    return rule.conv2d(profile, shape, knobs, relu, residual, pool, io)
+
+
+def conv_output_layout(shape: ConvShape, knobs: ConvKnobs, pool: MaxPool | None = None) -> Blocked:
+    """The blocked layout of the conv kernel's output when ``io.blocked_out``."""
+    return conv_cpu.output_layout(shape, knobs, pool)
 
 
 def pack_conv_weight(kernel, shape: ConvShape, knobs: ConvKnobs):

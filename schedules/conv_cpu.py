@@ -17,9 +17,11 @@ vector load takes ``c`` consecutive output channels of one weight position and o
   input scalars and issues ``ow_tile * oc_block / lanes`` FMAs on full vectors (AVX2: 6 x 2
   ymm = 12 accumulators; AVX-512: 14 x 2 zmm). Threads take ``(batch, oc chunk, tile)``
   tasks. Bias, ReLU and a residual input are applied to the tile before it is stored.
-* The output is unpacked back to NCHW by the last stage. (Measured, one thread, AVX2: packing
-  and unpacking cost 0.4-4% of a dense layer's time, 8% for VGG's 64->128 @112, but ~45% of a
-  depthwise layer's; keeping NCHWc between layers is left for later.)
+* The output is unpacked back to NCHW by the last stage, unless the next layers are conv
+  layers too (:class:`ConvIO`): then the output stays blocked, ``[N, O/ob, positions, ob]``,
+  and the next kernel's packing is a vector copy that adds the padding. (Measured, 2 threads,
+  AVX-512: ResNet-18's 1x1 shortcuts 21% faster, its 3x3 layers 1-2%; the whole model at
+  batch 1 ~10% faster together with the task-order rule.)
 
 Depthwise convolutions (one input channel per output channel) are blocked over channels the
 same way, with the channel block vectorized and an output-width tile in registers.
@@ -115,6 +117,41 @@ class ConvKnobs:
     positions_outer: bool = False
 
 
+@dataclass(frozen=True)
+class Blocked:
+    """A tensor in the kernels' blocked layout ``[N, ceil(C / block), positions, block]``:
+    channel ``c`` of pixel ``(y, x)`` is at ``[n, c // block, y * W + x, c % block]``. Positions
+    past ``H * W`` (the padding of a last tile) are never read; channels past ``C`` are zeros."""
+
+    block: int
+    positions: int
+
+
+@dataclass(frozen=True)
+class ConvIO:
+    """Where a conv kernel's tensors are blocked rather than NCHW: its data, its residual input
+    (either as another kernel wrote it), and its output (``blocked_out``: the layout
+    :func:`output_layout` gives). Conv layers that feed only conv layers pass their outputs on
+    blocked, so that the next layer's packing is a copy and the unpacking goes (NeoCPU keeps
+    NCHW[x]c between layers the same way)."""
+
+    data: Blocked | None = None
+    residual: Blocked | None = None
+    blocked_out: bool = False
+
+
+NCHW = ConvIO()
+
+
+def output_layout(shape: "ConvShape", knobs: "ConvKnobs", pool: "MaxPool | None" = None) -> Blocked:
+    """The layout of the kernel's output with ``blocked_out``: the tiles' positions (the last
+    tile padded) in blocks of ``oc_block``, or the pooled image's."""
+    if pool is not None:
+        ph, pw = pool.out_size(*shape.out_size)
+        return Blocked(knobs.oc_block, ph * pw)
+    return Blocked(knobs.oc_block, _geometry(shape, knobs)[2])
+
+
 def vector_registers(lanes: int, x86: bool = True) -> int:
     """Architectural vector registers: SSE / AVX2 have 16 xmm / ymm, AVX-512 32 zmm, AArch64
     NEON 32 q."""
@@ -166,12 +203,23 @@ def default_conv_knobs(shape: ConvShape, lanes: int, registers: int | None = Non
     # Cache blocking where the weights of one output-channel block outgrow L1 and the image
     # is large: measured (1 thread, AVX2) 15-20% faster on VGG's 256->256 @56, slower on
     # ResNet's 512 @7 and AlexNet's 384->256 @13 (too few positions to reuse the weights).
+    # Task order: threads split the image where the weights are small beside it (each thread
+    # then reads half the image and all the weights), else the output channels. Measured (2
+    # threads, AVX-512, blocked in and out): positions-major 5-28% faster on ResNet's layers at
+    # 56 and 28 and its 1x1 shortcuts (weights <= 2.9x the input), 9-38% slower on the 5x5 and
+    # 3x3 layers at 27 and below (weights >= 5.9x the input).
+    all_weights = shape.out_channels * icg * shape.kh * shape.kw
+    positions_outer = all_weights <= POSITIONS_OUTER_MAX_WEIGHT_RATIO * shape.in_channels * shape.height * shape.width
     weight_bytes = icg * shape.kh * shape.kw * lanes * vecs * 4
     if positions >= BLOCKING_MIN_POSITIONS and weight_bytes > BLOCKING_MIN_WEIGHT_BYTES:
         step = max(1, BLOCKING_STEP_CHANNELS // ic_block)
         return ConvKnobs(oc_block=lanes * vecs, ic_block=ic_block, ow_tile=tile, unroll_kw=unroll_kw,
-                         tiles_per_task=8, ic_step=step)
-    return ConvKnobs(oc_block=lanes * vecs, ic_block=ic_block, ow_tile=tile, unroll_kw=unroll_kw)
+                         tiles_per_task=8, ic_step=step, positions_outer=positions_outer)
+    return ConvKnobs(oc_block=lanes * vecs, ic_block=ic_block, ow_tile=tile, unroll_kw=unroll_kw,
+                     positions_outer=positions_outer)
+
+
+POSITIONS_OUTER_MAX_WEIGHT_RATIO = 4  # weights / input elements (both at one image)
 
 
 BLOCKING_MIN_POSITIONS = 1024
@@ -265,18 +313,34 @@ def _pixel(p, oh: int, ow: int):
     return q // ow, q % ow
 
 
+def _data_placeholder(shape: ConvShape, n_, layout: Blocked | None) -> te.Tensor:
+    if layout is None:
+        return te.placeholder((n_, shape.in_channels, shape.height, shape.width), F32, name="data")
+    return te.placeholder((n_, _ceil_div(shape.in_channels, layout.block), layout.positions,
+                           layout.block), F32, name="data")
+
+
 def _pack_data(data: te.Tensor, shape: ConvShape, chunks: int, block: int, hp: int, wp: int,
-               channel_of) -> te.Tensor:
+               channel_of, layout: Blocked | None = None) -> te.Tensor:
     """``packed[n, c, y, x, b] = data[n, channel_of(c, b), y - pt, x - pl]``, zero outside the
-    image and in padded channels."""
+    image and in padded channels; ``data`` NCHW, or blocked by ``layout`` (in blocks of
+    ``block`` too, and ungrouped: a copy of whole blocks that only adds the padding)."""
     pt, pl = shape.padding[0], shape.padding[1]
     h, w = shape.height, shape.width
+    same_blocks = layout is not None and layout.block == block and shape.groups == 1
 
     def value(n, c, y, x, b):
-        ch, valid = channel_of(c, b)
         iy, ix = y - pt, x - pl
+        if same_blocks:  # the producer's padded channels are zeros already
+            inside = tirx.all(iy >= 0, iy < h, ix >= 0, ix < w)
+            return tirx.if_then_else(inside, data[n, c, iy * w + ix, b], tirx.const(0.0, F32))
+        ch, valid = channel_of(c, b)
         inside = tirx.all(iy >= 0, iy < h, ix >= 0, ix < w, valid)
-        return tirx.if_then_else(inside, data[n, ch, iy, ix], tirx.const(0.0, F32))
+        if layout is None:
+            v = data[n, ch, iy, ix]
+        else:
+            v = data[n, ch // layout.block, iy * w + ix, ch % layout.block]
+        return tirx.if_then_else(inside, v, tirx.const(0.0, F32))
 
     return te.compute((data.shape[0], chunks, hp, wp, block), value, name="data_pack")
 
@@ -288,26 +352,39 @@ def _batch(shape: ConvShape):
 
 
 def _epilogue_and_unpack(shape: ConvShape, conv: te.Tensor, bias: te.Tensor, relu: bool,
-                         residual: bool, channel_of, chunk_block, pool: MaxPool | None = None):
+                         residual: bool, channel_of, chunk_block, pool: MaxPool | None = None,
+                         io: ConvIO = NCHW):
     """``blocked[n, oc, p, o] = act(conv + bias [+ residual])``, max-pooled by ``pool`` in the
-    blocked layout, then NCHW ``out``.
+    blocked layout, then NCHW ``out`` (``io.blocked_out``: the blocked tensor is the output).
     ``channel_of(oc, o)``: (NCHW channel, valid); ``chunk_block(c)``: (oc chunk, o) of channel c."""
     n_, chunks, positions, block = conv.shape
     oh, ow = shape.out_size
     extra = []
+    rl = io.residual
     if residual:
-        res = te.placeholder((n_, shape.out_channels, oh, ow), F32, name="residual")
+        res_shape = ((n_, shape.out_channels, oh, ow) if rl is None else
+                     (n_, _ceil_div(shape.out_channels, rl.block), rl.positions, rl.block))
+        res = te.placeholder(res_shape, F32, name="residual")
         extra = [res]
+
+    def residual_value(n, oc, p, o):
+        if rl is not None and rl.block == block and shape.groups == 1:
+            # same blocks: padded channels are zeros, the padded positions are never stored
+            return res[n, oc, tirx.min(p, min(rl.positions, oh * ow) - 1), o]
+        ch, valid = channel_of(oc, o)
+        y, x = _pixel(p, oh, ow)
+        v = res[n, ch, y, x] if rl is None else res[n, ch // rl.block, y * ow + x, ch % rl.block]
+        return tirx.if_then_else(valid, v, tirx.const(0.0, F32))
 
     def epi(n, oc, p, o):
         v = conv[n, oc, p, o] + bias[oc, o]
         if residual:
-            ch, valid = channel_of(oc, o)
-            y, x = _pixel(p, oh, ow)
-            v = v + tirx.if_then_else(valid, res[n, ch, y, x], tirx.const(0.0, F32))
+            v = v + residual_value(n, oc, p, o)
         return tirx.max(v, tirx.const(0.0, F32)) if relu else v
 
     blocked = te.compute((n_, chunks, positions, block), epi, name="epilogue")
+    if pool is None and io.blocked_out:
+        return extra, blocked
     if pool is None:
         def unpack(n, c, y, x):
             chunk, o = chunk_block(c)
@@ -319,7 +396,8 @@ def _epilogue_and_unpack(shape: ConvShape, conv: te.Tensor, bias: te.Tensor, rel
     (kh, kw), (psh, psw), (pt, pl, _, _) = pool.size, pool.strides, pool.padding
     lowest = tirx.const(-3.4028234663852886e38, F32)  # max over an empty window: none (padding < size)
 
-    def pooled_value(n, oc, y, x, o):
+    def pooled_value(n, oc, q, o):
+        y, x = q // pw, q % pw
         value = None
         for dy in range(kh):
             for dx in range(kw):
@@ -331,17 +409,19 @@ def _epilogue_and_unpack(shape: ConvShape, conv: te.Tensor, bias: te.Tensor, rel
                 value = v if value is None else tirx.max(value, v)
         return value
 
-    pooled = te.compute((n_, chunks, ph, pw, block), pooled_value, name="pool")
+    pooled = te.compute((n_, chunks, ph * pw, block), pooled_value, name="pool")
+    if io.blocked_out:
+        return extra, pooled
 
     def unpack_pooled(n, c, y, x):
         chunk, o = chunk_block(c)
-        return pooled[n, chunk, y, x, o]
+        return pooled[n, chunk, y * pw + x, o]
 
     return extra, te.compute((n_, shape.out_channels, ph, pw), unpack_pooled, name="unpack")
 
 
 def conv2d_compute(shape: ConvShape, knobs: ConvKnobs, relu: bool, residual: bool = False,
-                   pool: MaxPool | None = None):
+                   pool: MaxPool | None = None, io: ConvIO = NCHW):
     """TE tensors ``(data, weight, bias[, residual], out)`` of a dense or grouped conv."""
     g = shape.groups
     ocg, icg = shape.out_channels // g, shape.in_channels // g
@@ -351,7 +431,7 @@ def conv2d_compute(shape: ConvShape, knobs: ConvKnobs, relu: bool, residual: boo
     (sh, sw), (dh, dw) = shape.strides, shape.dilation
     n_ = _batch(shape)
 
-    data = te.placeholder((n_, shape.in_channels, shape.height, shape.width), F32, name="data")
+    data = _data_placeholder(shape, n_, io.data)
     weight = te.placeholder((g, occ, icc, shape.kh, shape.kw, ib, ob), F32, name="weight")
     bias = te.placeholder((g * occ, ob), F32, name="bias")
 
@@ -360,7 +440,7 @@ def conv2d_compute(shape: ConvShape, knobs: ConvKnobs, relu: bool, residual: boo
         within = cc * ib + b
         return grp * icg + tirx.min(within, icg - 1), within < icg
 
-    packed = _pack_data(data, shape, g * icc, ib, hp, wp, in_channel_of)
+    packed = _pack_data(data, shape, g * icc, ib, hp, wp, in_channel_of, io.data)
     rc = te.reduce_axis((0, icc), name="rc")
     ry = te.reduce_axis((0, shape.kh), name="ry")
     rx = te.reduce_axis((0, shape.kw), name="rx")
@@ -382,7 +462,7 @@ def conv2d_compute(shape: ConvShape, knobs: ConvKnobs, relu: bool, residual: boo
         return grp * occ + co // ob, co % ob
 
     extra, out = _epilogue_and_unpack(shape, conv, bias, relu, residual, out_channel_of, chunk_block,
-                                      pool)
+                                      pool, io)
     return [data, weight, bias] + extra + [out]
 
 
@@ -423,12 +503,16 @@ def depthwise_compute(shape: ConvShape, knobs: ConvKnobs, relu: bool, residual: 
 
 
 def _schedule(func: tirx.PrimFunc, knobs: ConvKnobs, depthwise: bool, kh: int, kw: int,
-              icc: int, pool: MaxPool | None = None) -> tirx.PrimFunc:
+              icc: int, pool: MaxPool | None = None, io: ConvIO = NCHW,
+              out_size: tuple[int, int] = (0, 0)) -> tirx.PrimFunc:
     sch = tvm.s_tir.Schedule(func)
-    # data packing: threads over (n, chunk, row); the (x, b) loops stay serial
+    # data packing: threads over (n, chunk, row); from NCHW the (x, b) loops stay serial (a
+    # transpose), from blocks of its own size b is a vector copy
     pack = sch.get_sblock("data_pack")
     n, c, y, x, b = sch.get_loops(pack)
     sch.parallel(sch.fuse(n, c, y))
+    if io.data is not None and io.data.block == knobs.ic_block:
+        sch.vectorize(b)
 
     epi = sch.get_sblock("epilogue")
     conv = sch.get_sblock("conv")
@@ -490,13 +574,17 @@ def _schedule(func: tirx.PrimFunc, knobs: ConvKnobs, depthwise: bool, kh: int, k
     if pool is not None:
         # the pool: threads over (batch, channel block, pooled row), the channel block a vector
         block = sch.get_sblock("pool")
-        n, c, y, x, b = sch.get_loops(block)
+        n, c, q, b = sch.get_loops(block)
+        ph, pw = pool.out_size(*out_size)
+        y, _ = sch.split(q, [ph, pw])
         sch.parallel(sch.fuse(n, c, y))
         sch.vectorize(b)
 
     # unpacking: for one (channel block, row) the blocked row (ow x block floats) stays in L1
     # while each channel's output row is written; channel-major order would re-read every
     # cache line from L3 once per channel (5 ms instead of 0.3 for VGG's 128 x 112 x 112)
+    if io.blocked_out:
+        return sch.mod["main"]
     unpack = sch.get_sblock("unpack")
     n, c, y, x = sch.get_loops(unpack)
     cc, cb = sch.split(c, [None, knobs.oc_block])
@@ -506,17 +594,21 @@ def _schedule(func: tirx.PrimFunc, knobs: ConvKnobs, depthwise: bool, kh: int, k
 
 
 def conv2d_kernel(shape: ConvShape, knobs: ConvKnobs, lanes: int, relu: bool = False,
-                  residual: bool = False, pool: MaxPool | None = None) -> tirx.PrimFunc:
+                  residual: bool = False, pool: MaxPool | None = None,
+                  io: ConvIO = NCHW) -> tirx.PrimFunc:
     """The scheduled ``PrimFunc``: parameters ``data, weight, bias[, residual], out`` (data and
-    out NCHW; weight and bias from :func:`pack_weight` / :func:`pack_bias`; ``out`` pooled by
-    ``pool`` when given)."""
+    out NCHW unless ``io`` says blocked; weight and bias from :func:`pack_weight` /
+    :func:`pack_bias`; ``out`` pooled by ``pool`` when given). Depthwise and grouped convs
+    take NCHW only."""
+    if io != NCHW and shape.groups != 1:
+        raise ValueError("blocked inputs and outputs are for ungrouped convolutions only")
     if shape.depthwise:
         tensors = depthwise_compute(shape, knobs, relu, residual, pool)
         icc = 1
     else:
-        tensors = conv2d_compute(shape, knobs, relu, residual, pool)
+        tensors = conv2d_compute(shape, knobs, relu, residual, pool, io)
         icc = _ceil_div(shape.in_channels // shape.groups, knobs.ic_block)
     func = te.create_prim_func(tensors)
     # no global symbol: the module it is added to names it
-    return _schedule(func, knobs, shape.depthwise, shape.kh, shape.kw, icc,
-                     pool).without_attr("global_symbol")
+    return _schedule(func, knobs, shape.depthwise, shape.kh, shape.kw, icc, pool, io,
+                     shape.out_size).without_attr("global_symbol")

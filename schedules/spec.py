@@ -183,5 +183,5 @@ class TargetRule:
         raise ScalpelError(f"no convolution kernel for target kind {profile.kind!r}")
 
     def conv2d(self, profile: TargetProfile, shape, knobs, relu: bool, residual: bool,
-               pool=None) -> tirx.PrimFunc:
+               pool=None, io=None) -> tirx.PrimFunc:
         raise ScalpelError(f"no convolution kernel for target kind {profile.kind!r}")
