@@ -18,7 +18,6 @@ channels and short patches of small CNNs.
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 
 import numpy as np
 import tvm
@@ -100,11 +99,11 @@ def _lower_patch(bb: relax.BlockBuilder, lowering: KernelLowering, layer: ConvLa
 
 def _lower_blocked(bb: relax.BlockBuilder, profile, layer: ConvLayer, data: relax.Expr,
                    residual: relax.Expr | None, knobs_for=None,
-                   io: schedules.ConvIO = schedules.NCHW, shape: schedules.ConvShape | None = None):
+                   io: schedules.ConvIO = schedules.NCHW):
     """One call of the NCHW[x]c conv kernel (bias, residual and ReLU fused), and the blocked
-    layout of its output when ``io.blocked_out`` (else None). ``shape``: the layer's, when
-    ``data`` is blocked (its type is not NCHW then)."""
-    shape = shape or conv_shape(layer, data)
+    layout of its output when ``io.blocked_out`` (else None). The shape is read from the
+    layer's original (NCHW) data: ``data`` may be blocked."""
+    shape = conv_shape(layer, layer.data)
     knobs = (knobs_for(shape) if knobs_for is not None else None) or schedules.default_conv_knobs(
         profile, shape)
     func = schedules.conv2d(profile, shape, knobs, relu=layer.relu, residual=residual is not None,
@@ -128,7 +127,7 @@ def _lower_blocked(bb: relax.BlockBuilder, profile, layer: ConvLayer, data: rela
     return relax.call_tir(gv, args, out_ty=relax.TensorType((batch, o, oh, ow), "float32")), None
 
 
-def blocked_outputs(func: relax.Function, blocked: list[ConvLayer]) -> set[relax.Var]:
+def blocked_outputs(index: GraphIndex, blocked: list[ConvLayer]) -> set[relax.Var]:
     """The outputs of the ``blocked`` layers (those lowered to the NCHW[x]c kernel) that only
     blocked layers read, as their data or their residual: these stay in the blocked layout.
     Any other reader (a pool, a reshape, the function's result) needs NCHW."""
@@ -137,9 +136,8 @@ def blocked_outputs(func: relax.Function, blocked: list[ConvLayer]) -> set[relax
         for var in (layer.data, layer.residual):
             if isinstance(var, relax.Var):
                 reads[var] = reads.get(var, 0) + 1
-    uses = GraphIndex(func).uses
     return {layer.output for layer in blocked
-            if reads.get(layer.output, 0) and reads[layer.output] == uses.get(layer.output, 0)}
+            if reads.get(layer.output, 0) and reads[layer.output] == index.uses.get(layer.output, 0)}
 
 
 @tvm.transform.module_pass(opt_level=0, name="RewriteConvLayers")
@@ -203,9 +201,9 @@ class RewriteConvLayers:
                          decision.shape, decision.kernel, decision.group_width, decision.density)
             # ungrouped dense layers pass blocked tensors to each other (see ConvIO)
             blocked = [layer for layer, sparse in chosen if sparse is None and layer.groups == 1]
-            stay_blocked = blocked_outputs(func, blocked) if self.keep_blocked else set()
-            layouts: dict[relax.Var, schedules.Blocked] = {}  # original output var -> layout
             index = GraphIndex(func)
+            stay_blocked = blocked_outputs(index, blocked) if self.keep_blocked else set()
+            layouts: dict[relax.Var, schedules.Blocked] = {}  # original output var -> layout
             for layer, sparse in chosen:
                 plan.bindings[layer.output] = lambda bb, visit, layer=layer, sparse=sparse: lower(
                     bb, layer, visit, sparse, layouts, layer.output in stay_blocked)
@@ -224,11 +222,8 @@ class RewriteConvLayers:
                 return _lower_patch(bb, lowering, layer, data, sparse, residual)
             io = schedules.ConvIO(layouts.get(layer.data), layouts.get(layer.residual),
                                   blocked_out)
-            shape = conv_shape(layer, layer.data) if io.data is not None else None
-            if shape is not None and not isinstance(shape.batch, int):
-                shape = replace(shape, batch=data.ty.shape.values[0])
             call, layout = _lower_blocked(bb, self.profile, layer, data, residual,
-                                          self.conv_knobs_for, io, shape)
+                                          self.conv_knobs_for, io)
             if layout is not None:
                 layouts[layer.output] = layout
             return call
