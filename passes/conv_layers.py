@@ -8,8 +8,9 @@ nothing else reads the intermediate result.
 For the kernels (``kernels=True``, what ``RewriteConvLayers`` asks for) a layer also takes
 grouped and depthwise convolutions, folds an inference ``nn.batch_norm`` with constant
 statistics into its weight and bias, absorbs a residual ``add`` of another tensor of the
-output's shape (ResNet's ``Conv -> BatchNormalization -> Add -> Relu``) and a ``max_pool2d``
-that is the only reader of the result (``Conv -> Relu -> MaxPool``: AlexNet, VGG, ResNet's stem). Pruning asks for the
+output's shape (ResNet's ``Conv -> BatchNormalization -> Add -> Relu``) and a ``max_pool2d`` or
+``avg_pool2d`` (ceil mode too) that is the only reader of the result (``Conv -> Relu ->
+MaxPool``: AlexNet, VGG, ResNet's stem; NIN's and ConvNet's ceil-mode max and average pools). Pruning asks for the
 plain form: it must see and replace the weight exactly as the graph holds it.
 
 Unfolded over its input patches (im2col), a convolution is a dense layer: ``W`` becomes the
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tvm import ir, relax, tirx
 
-from tvm_scalpel.schedules import MaxPool
+from tvm_scalpel.schedules import Pool
 
 from .graph import (
     GraphIndex,
@@ -36,6 +37,7 @@ from .graph import (
     const_array,
     conv_layout_problem,
     match_layer,
+    op_name,
     other_operand,
     tensor_type,
 )
@@ -62,7 +64,7 @@ class ConvLayer:
     groups: int = 1
     residual: relax.Expr | None = None  # added to the output before the ReLU
     batch_norm: bool = False  # an inference BatchNormalization folded into kernel and bias
-    pool: MaxPool | None = None  # a max pooling of the (activated) output, fused
+    pool: Pool | None = None  # a max or average pooling of the (activated) output, fused
 
     @property
     def weight(self) -> np.ndarray:
@@ -131,7 +133,7 @@ def find_conv_layers(func: relax.Function, warn: bool = True, kernels: bool = Fa
             _absorb_residual(layer, index, claimed)
         absorb_relu(index, layer)
         if kernels:
-            _absorb_max_pool(layer, index)
+            _absorb_pool(layer, index)
         layers.append(layer)
     return layers
 
@@ -187,18 +189,38 @@ def _absorb_residual(layer: ConvLayer, index: GraphIndex, claimed: set) -> None:
     claimed.add(add)
 
 
-def _absorb_max_pool(layer: ConvLayer, index: GraphIndex) -> None:
-    """``max_pool2d(output)`` in NCHW, without dilation or ceil mode, read by nothing else."""
-    pool = index.sole_reader(layer.output, "relax.nn.max_pool2d")
+POOL_OPS = ("relax.nn.max_pool2d", "relax.nn.avg_pool2d")
+
+
+def _absorb_pool(layer: ConvLayer, index: GraphIndex) -> None:
+    """``max_pool2d`` / ``avg_pool2d`` of the output in NCHW, without dilation, read by nothing
+    else, whose output shape the graph states as :class:`Pool` computes it (so ceil mode agrees
+    with the importer's) and whose windows each meet the image."""
+    pool = next((v for op in POOL_OPS if (v := index.sole_reader(layer.output, op)) is not None), None)
     if pool is None:
         return
-    attrs = index.values[pool].attrs
+    call = index.values[pool]
+    attrs = call.attrs
     if (str(attrs.layout) != "NCHW" or str(attrs.out_layout) not in ("NCHW", "")
-            or _ints(attrs.dilation) != (1, 1) or bool(attrs.ceil_mode)):
+            or _ints(attrs.dilation) != (1, 1)):
         return
     size, padding = _ints(attrs.pool_size), _padding(attrs.padding)
     if len(size) != 2 or padding[0] >= size[0] or padding[1] >= size[1]:
         return
-    layer.pool = MaxPool(size, _ints(attrs.strides), padding)
+    average = op_name(call) == "relax.nn.avg_pool2d"
+    fused = Pool(size, _ints(attrs.strides), padding, ceil_mode=bool(attrs.ceil_mode), average=average,
+                 count_include_pad=average and bool(attrs.count_include_pad))
+    in_ty, out_ty = tensor_type(layer.output), tensor_type(pool)
+    if in_ty is None or out_ty is None or out_ty.shape is None:
+        return
+    dims = [d for d in (*in_ty.shape.values[2:], *out_ty.shape.values[2:])]
+    if not all(isinstance(d, tirx.IntImm) for d in dims):
+        return
+    h, w, ph, pw = (int(d) for d in dims)
+    if fused.out_size(h, w) != (ph, pw):
+        return
+    layer.pool = fused
     layer.fused.append(layer.output)
     layer.output = pool
+    if not layer.relu and not average:  # relu(max(x)) = max(relu(x)): ConvNet's Conv -> MaxPool -> Relu
+        absorb_relu(index, layer)

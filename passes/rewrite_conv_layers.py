@@ -93,7 +93,12 @@ def _lower_patch(bb: relax.BlockBuilder, lowering: KernelLowering, layer: ConvLa
             out = relax.op.nn.relu(bb.emit(out))
     if layer.pool is not None:  # the patch kernel has no pooling stage: TVM's, after it
         pool = layer.pool
-        out = relax.op.nn.max_pool2d(bb.emit(out), pool.size, pool.strides, pool.padding)
+        if pool.average:
+            out = relax.op.nn.avg_pool2d(bb.emit(out), pool.size, pool.strides, pool.padding,
+                                         ceil_mode=pool.ceil_mode, count_include_pad=pool.count_include_pad)
+        else:
+            out = relax.op.nn.max_pool2d(bb.emit(out), pool.size, pool.strides, pool.padding,
+                                         ceil_mode=pool.ceil_mode)
     return out
 
 
@@ -160,7 +165,7 @@ class RewriteConvLayers:
         y = call_tir(conv2d_nchwc, (x, W_packed, bias_packed[, skip]))   # NCHW in and out
 
     with a following inference BatchNormalization folded into ``W`` and the bias, and a
-    residual ``add``, ReLU and a max pooling that only it reads fused. Where only such
+    residual ``add``, ReLU and a max or average pooling that only it reads fused. Where only such
     (ungrouped) layers read a layer's output, as data or as residual, it stays in the blocked
     layout, ``[B, O/ob, positions, ob]`` (``blocked_outputs``; ``keep_blocked=False`` turns
     this off): layout changes happen at the edges of runs of conv layers only. On targets we have no dense kernels for (GPUs), conv layers

@@ -16,7 +16,7 @@ from tvm_scalpel.errors import ScalpelError
 from tvm_scalpel.targets import TargetProfile
 
 from . import aarch64, conv_cpu, cortex_m4, cpu_kernels, cuda, x86
-from .conv_cpu import NCHW, Blocked, ConvIO, ConvKnobs, ConvShape, MaxPool
+from .conv_cpu import NCHW, Blocked, ConvIO, ConvKnobs, ConvShape, Pool
 from .spec import CpuKnobs, LayerSpec, PackedGroupedSparse, TargetRule, pack_dense, pack_grouped_sparse
 
 __all__ = [
@@ -37,7 +37,7 @@ __all__ = [
     "patch_kernel",
     "ConvKnobs",
     "ConvShape",
-    "MaxPool",
+    "Pool",
     "Blocked",
     "ConvIO",
     "NCHW",
@@ -155,7 +155,7 @@ def default_conv_knobs(profile: TargetProfile, shape: ConvShape) -> ConvKnobs:
 
 
 def conv2d(profile: TargetProfile, shape: ConvShape, knobs: ConvKnobs | None = None,
-           relu: bool = False, residual: bool = False, pool: MaxPool | None = None,
+           relu: bool = False, residual: bool = False, pool: Pool | None = None,
            io: ConvIO = NCHW) -> tirx.PrimFunc:
     """The blocked (NCHW[x]c) dense / grouped / depthwise conv kernel: parameters ``data,
     weight, bias[, residual], out``, data and out NCHW, weight and bias packed by
@@ -167,7 +167,7 @@ def conv2d(profile: TargetProfile, shape: ConvShape, knobs: ConvKnobs | None = N
     return rule.conv2d(profile, shape, knobs, relu, residual, pool, io)
 
 
-def conv_output_layout(shape: ConvShape, knobs: ConvKnobs, pool: MaxPool | None = None) -> Blocked:
+def conv_output_layout(shape: ConvShape, knobs: ConvKnobs, pool: Pool | None = None) -> Blocked:
     """The blocked layout of the conv kernel's output when ``io.blocked_out``."""
     return conv_cpu.output_layout(shape, knobs, pool)
 

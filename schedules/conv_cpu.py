@@ -76,18 +76,38 @@ class ConvShape:
 
 
 @dataclass(frozen=True)
-class MaxPool:
-    """A max pooling that follows the convolution (after its bias, residual and ReLU), fused
-    into the kernel: it reads the blocked output while it is in cache, vectorized over the
-    channel block, and only the pooled (smaller) tensor is unpacked to NCHW."""
+class Pool:
+    """A max or average pooling that follows the convolution (after its bias, residual and
+    ReLU), fused into the kernel: it reads the blocked output while it is in cache, vectorized
+    over the channel block, and only the pooled (smaller) tensor is unpacked to NCHW (or it
+    stays blocked for the next conv: NIN's and ConvNet's ceil-mode pools no longer cut the
+    chain of blocked layers).
+
+    ``ceil_mode``: the output size rounds up, as ONNX, PyTorch, onnxruntime and TVM do, except
+    that a last window starting past the image and its leading padding is dropped.
+    ``count_include_pad`` (average): the divisor counts the explicit padding (never the
+    ceil-mode overhang), as onnxruntime does; otherwise only the pixels inside the image."""
 
     size: tuple[int, int]
     strides: tuple[int, int]
     padding: tuple[int, int, int, int] = (0, 0, 0, 0)  # top, left, bottom, right
+    ceil_mode: bool = False
+    average: bool = False
+    count_include_pad: bool = False
 
     def out_size(self, height: int, width: int) -> tuple[int, int]:
-        (kh, kw), (sh, sw), (pt, pl, pb, pr) = self.size, self.strides, self.padding
-        return (height + pt + pb - kh) // sh + 1, (width + pl + pr - kw) // sw + 1
+        return (_pooled(height, self.size[0], self.strides[0], self.padding[0], self.padding[2], self.ceil_mode),
+                _pooled(width, self.size[1], self.strides[1], self.padding[1], self.padding[3], self.ceil_mode))
+
+
+def _pooled(extent: int, k: int, stride: int, before: int, after: int, ceil_mode: bool) -> int:
+    span = extent + before + after - k
+    if not ceil_mode:
+        return span // stride + 1
+    out = -(-span // stride) + 1
+    if (out - 1) * stride >= extent + before:  # the last window would start in the padding
+        out -= 1
+    return out
 
 
 @dataclass(frozen=True)
@@ -143,7 +163,7 @@ class ConvIO:
 NCHW = ConvIO()
 
 
-def output_layout(shape: "ConvShape", knobs: "ConvKnobs", pool: "MaxPool | None" = None) -> Blocked:
+def output_layout(shape: "ConvShape", knobs: "ConvKnobs", pool: "Pool | None" = None) -> Blocked:
     """The layout of the kernel's output with ``blocked_out``: the tiles' positions (the last
     tile padded) in blocks of ``oc_block``, or the pooled image's."""
     if pool is not None:
@@ -352,7 +372,7 @@ def _batch(shape: ConvShape):
 
 
 def _epilogue_and_unpack(shape: ConvShape, conv: te.Tensor, bias: te.Tensor, relu: bool,
-                         residual: bool, channel_of, chunk_block, pool: MaxPool | None = None,
+                         residual: bool, channel_of, chunk_block, pool: Pool | None = None,
                          io: ConvIO = NCHW):
     """``blocked[n, oc, p, o] = act(conv + bias [+ residual])``, max-pooled by ``pool`` in the
     blocked layout, then NCHW ``out`` (``io.blocked_out``: the blocked tensor is the output).
@@ -393,22 +413,7 @@ def _epilogue_and_unpack(shape: ConvShape, conv: te.Tensor, bias: te.Tensor, rel
         return extra, te.compute((n_, shape.out_channels, oh, ow), unpack, name="unpack")
 
     ph, pw = pool.out_size(oh, ow)
-    (kh, kw), (psh, psw), (pt, pl, _, _) = pool.size, pool.strides, pool.padding
-    lowest = tirx.const(-3.4028234663852886e38, F32)  # max over an empty window: none (padding < size)
-
-    def pooled_value(n, oc, q, o):
-        y, x = q // pw, q % pw
-        value = None
-        for dy in range(kh):
-            for dx in range(kw):
-                iy, ix = y * psh - pt + dy, x * psw - pl + dx
-                v = blocked[n, oc, tirx.max(tirx.min(iy, oh - 1), 0) * ow
-                            + tirx.max(tirx.min(ix, ow - 1), 0), o]
-                if pt or pl or any(pool.padding[2:]):  # a window over the padding
-                    v = tirx.if_then_else(tirx.all(iy >= 0, iy < oh, ix >= 0, ix < ow), v, lowest)
-                value = v if value is None else tirx.max(value, v)
-        return value
-
+    pooled_value = _pool_value(pool, blocked, oh, ow, pw)
     pooled = te.compute((n_, chunks, ph * pw, block), pooled_value, name="pool")
     if io.blocked_out:
         return extra, pooled
@@ -420,8 +425,42 @@ def _epilogue_and_unpack(shape: ConvShape, conv: te.Tensor, bias: te.Tensor, rel
     return extra, te.compute((n_, shape.out_channels, ph, pw), unpack_pooled, name="unpack")
 
 
+def _pool_value(pool: Pool, blocked: te.Tensor, oh: int, ow: int, pw: int):
+    """``value(n, oc, q, o)``: the pooled window ``q`` (flattened over the ``pw``-wide pooled
+    image) of the blocked ``oh x ow`` image. The window's taps are unrolled; a tap outside the
+    image reads a clamped pixel and is masked (``-inf``-like for max, 0 for the sum)."""
+    (kh, kw), (psh, psw), (pt, pl, pb, pr) = pool.size, pool.strides, pool.padding
+    lowest = tirx.const(-3.4028234663852886e38, F32)  # never the max: each window meets the image
+    zero = tirx.const(0.0, F32)
+    may_overhang = pool.ceil_mode or any(pool.padding)
+
+    def value(n, oc, q, o):
+        y, x = q // pw, q % pw
+        y0, x0 = y * psh - pt, x * psw - pl
+        acc = None
+        for dy in range(kh):
+            for dx in range(kw):
+                iy, ix = y0 + dy, x0 + dx
+                v = blocked[n, oc, tirx.max(tirx.min(iy, oh - 1), 0) * ow + tirx.max(tirx.min(ix, ow - 1), 0), o]
+                if may_overhang:
+                    v = tirx.if_then_else(tirx.all(iy >= 0, iy < oh, ix >= 0, ix < ow), v,
+                                          zero if pool.average else lowest)
+                acc = v if acc is None else (acc + v if pool.average else tirx.max(acc, v))
+        if not pool.average:
+            return acc
+        if pool.count_include_pad:  # the window clipped to the padded image (not the overhang)
+            rows = tirx.min(y0 + kh, oh + pb) - y0
+            cols = tirx.min(x0 + kw, ow + pr) - x0
+        else:  # the window clipped to the image
+            rows = tirx.min(y0 + kh, oh) - tirx.max(y0, 0)
+            cols = tirx.min(x0 + kw, ow) - tirx.max(x0, 0)
+        return acc / (rows * cols).astype(F32)
+
+    return value
+
+
 def conv2d_compute(shape: ConvShape, knobs: ConvKnobs, relu: bool, residual: bool = False,
-                   pool: MaxPool | None = None, io: ConvIO = NCHW):
+                   pool: Pool | None = None, io: ConvIO = NCHW):
     """TE tensors ``(data, weight, bias[, residual], out)`` of a dense or grouped conv."""
     g = shape.groups
     ocg, icg = shape.out_channels // g, shape.in_channels // g
@@ -467,7 +506,7 @@ def conv2d_compute(shape: ConvShape, knobs: ConvKnobs, relu: bool, residual: boo
 
 
 def depthwise_compute(shape: ConvShape, knobs: ConvKnobs, relu: bool, residual: bool = False,
-                      pool: MaxPool | None = None):
+                      pool: Pool | None = None):
     """TE tensors ``(data, weight, bias[, residual], out)`` of a depthwise conv."""
     cb = knobs.oc_block
     c_ = shape.in_channels
@@ -503,7 +542,7 @@ def depthwise_compute(shape: ConvShape, knobs: ConvKnobs, relu: bool, residual: 
 
 
 def _schedule(func: tirx.PrimFunc, knobs: ConvKnobs, depthwise: bool, kh: int, kw: int,
-              icc: int, pool: MaxPool | None = None, io: ConvIO = NCHW,
+              icc: int, pool: Pool | None = None, io: ConvIO = NCHW,
               out_size: tuple[int, int] = (0, 0)) -> tirx.PrimFunc:
     sch = tvm.s_tir.Schedule(func)
     # data packing: threads over (n, chunk, row); from NCHW the (x, b) loops stay serial (a
@@ -594,7 +633,7 @@ def _schedule(func: tirx.PrimFunc, knobs: ConvKnobs, depthwise: bool, kh: int, k
 
 
 def conv2d_kernel(shape: ConvShape, knobs: ConvKnobs, lanes: int, relu: bool = False,
-                  residual: bool = False, pool: MaxPool | None = None,
+                  residual: bool = False, pool: Pool | None = None,
                   io: ConvIO = NCHW) -> tirx.PrimFunc:
     """The scheduled ``PrimFunc``: parameters ``data, weight, bias[, residual], out`` (data and
     out NCHW unless ``io`` says blocked; weight and bias from :func:`pack_weight` /
@@ -609,6 +648,12 @@ def conv2d_kernel(shape: ConvShape, knobs: ConvKnobs, lanes: int, relu: bool = F
         tensors = conv2d_compute(shape, knobs, relu, residual, pool, io)
         icc = _ceil_div(shape.in_channels // shape.groups, knobs.ic_block)
     func = te.create_prim_func(tensors)
-    # no global symbol: the module it is added to names it
-    return _schedule(func, knobs, shape.depthwise, shape.kh, shape.kw, icc, pool, io,
-                     shape.out_size).without_attr("global_symbol")
+    func = _schedule(func, knobs, shape.depthwise, shape.kh, shape.kw, icc, pool, io, shape.out_size)
+    # no global symbol: the module it is added to names it. Opaque to Relax's FuseOps: TVM
+    # would otherwise see an "out-elementwise fusable" function (its last stage is a copy) and
+    # fuse the elementwise ops that read its output into it, which FuseTIR cannot do for a
+    # kernel of several stages (ConvNet: a max pool fused here, then ReLU and LRN).
+    return func.without_attr("global_symbol").with_attr("op_pattern", OP_PATTERN_OPAQUE)
+
+
+OP_PATTERN_OPAQUE = 8  # tvm.relay's / relax's OpPatternKind.kOpaque

@@ -476,7 +476,7 @@ class LlvmCpuRule(TargetRule):
         return conv_cpu.default_conv_knobs(shape, lanes, self.vector_registers(lanes))
 
     def conv2d(self, profile: TargetProfile, shape: conv_cpu.ConvShape, knobs: conv_cpu.ConvKnobs,
-               relu: bool, residual: bool, pool: conv_cpu.MaxPool | None = None,
+               relu: bool, residual: bool, pool: conv_cpu.Pool | None = None,
                io: conv_cpu.ConvIO = conv_cpu.NCHW) -> tirx.PrimFunc:
         return conv_cpu.conv2d_kernel(shape, knobs, self.conv_lanes(profile), relu, residual, pool,
                                       io)

@@ -14,7 +14,7 @@ from tvm import relax
 from tvm_scalpel import compile_onnx
 from tvm_scalpel.onnx_io import to_relax
 from tvm_scalpel.passes import RewriteConvLayers
-from tvm_scalpel.schedules import Blocked, ConvIO, ConvShape, MaxPool, conv_cpu
+from tvm_scalpel.schedules import Blocked, ConvIO, ConvShape, Pool, conv_cpu
 from tvm_scalpel.targets import resolve_target
 
 PROFILE = resolve_target("x86")
@@ -58,7 +58,7 @@ CASES = {  # c, hw, o, k, stride, pad, data block, residual block (None: no resi
 }
 
 
-@pytest.mark.parametrize("pool", [None, MaxPool((2, 2), (2, 2))], ids=["no pool", "pool"])
+@pytest.mark.parametrize("pool", [None, Pool((2, 2), (2, 2))], ids=["no pool", "pool"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_blocked_data_residual_and_output_match_numpy(rng, name, pool):
     c, hw, o, k, stride, pad, data_block, res_block = CASES[name]
@@ -170,3 +170,24 @@ def test_a_conv_output_read_by_anything_else_stays_nchw(rng):
         None, {"x": x})
     for g, w in zip(got, want):
         assert rel_err(g.numpy(), w) < 1e-4
+
+
+def test_nin_pools_keep_the_chain_blocked_and_match_onnxruntime(rng):
+    """NIN's ceil-mode max and average pools are fused into the conv before them, so that all
+    of its nine convs but the last (read by the global pooling) pass blocked tensors on."""
+    from tvm_scalpel import models
+
+    model = models.nin(seed=4, scale=0.125)
+    mod = RewriteConvLayers("x86")(to_relax(model))
+    text = mod["main"].script()
+    assert "max_pool2d" not in text and "avg_pool2d" not in text
+    convs = [dims for name, dims in _call_outputs(mod) if name.startswith("scalpel_conv")]
+    assert len(convs) == 9
+    # blocked: [N, blocks, positions, block] with a block of whole vectors
+    assert all(d[-1] % LANES == 0 and d[1] * d[-1] >= 10 for d in convs[:-1])
+    assert convs[2][2] == 16 * 16 and convs[5][2] == 8 * 8  # the pooled images
+    assert convs[-1][1:] == (10, 8, 8)
+    built = compile_onnx(model, "x86")
+    for batch in (1, 2):
+        x = rng.standard_normal((batch, 3, 32, 32)).astype(np.float32)
+        assert rel_err(vm_run(built.executable, x), ort_run(model, x)) < 1e-4

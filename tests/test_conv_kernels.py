@@ -266,42 +266,95 @@ def test_add_of_two_conv_branches_is_absorbed_once(rng):
 
 
 def conv_pool_model(rng, c, hw, o, k, stride, pad, pool, pool_stride, pool_pads, relu=True,
-                    depthwise=False):
-    """Conv (+ Relu) -> MaxPool, as PyTorch exports AlexNet's, VGG's and ResNet's stem."""
+                    depthwise=False, op="MaxPool", ceil=False, count_include_pad=None, relu_after=False):
+    """Conv (+ Relu) -> MaxPool / AveragePool (+ Relu), as PyTorch exports AlexNet's, VGG's and
+    ResNet's stem, and Caffe-converted NIN / ConvNet (ceil mode, average pools) are."""
     model = conv_model(rng, c, hw, hw, o, k, (stride, stride), (pad,) * 4,
                        groups=c if depthwise else 1, relu=relu)
     graph = model.graph
     graph.node[-1].output[0] = "conv_out"
-    graph.node.append(helper.make_node("MaxPool", ["conv_out"], ["y"], kernel_shape=[pool, pool],
-                                       strides=[pool_stride] * 2, pads=list(pool_pads)))
+    attrs = {"count_include_pad": count_include_pad} if count_include_pad is not None else {}
+    graph.node.append(helper.make_node(op, ["conv_out"], ["pooled" if relu_after else "y"],
+                                       kernel_shape=[pool, pool], strides=[pool_stride] * 2,
+                                       pads=list(pool_pads), ceil_mode=int(ceil), **attrs))
+    if relu_after:
+        graph.node.append(helper.make_node("Relu", ["pooled"], ["y"]))
     del graph.output[:]
     graph.output.append(helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None))
     return model
 
 
-# (c, hw, o, k, stride, pad, pool, pool stride, pool pads, relu, depthwise)
+# (c, hw, o, k, stride, pad, pool, pool stride, pool pads, relu, depthwise[, extra attributes])
 POOLED = {
     "resnet stem 3x3 s2 p1": (3, 21, 16, 7, 2, 3, 3, 2, (1, 1, 1, 1), True, False),
     "alexnet 3x3 s2": (8, 15, 24, 3, 1, 1, 3, 2, (0, 0, 0, 0), True, False),
     "vgg 2x2 s2 odd size": (5, 11, 40, 3, 1, 1, 2, 2, (0, 0, 0, 0), False, False),
     "asymmetric pool pads": (6, 9, 12, 3, 1, 1, 3, 2, (0, 1, 1, 0), True, False),
     "depthwise then pool": (16, 10, 16, 3, 1, 1, 2, 2, (0, 0, 0, 0), True, True),
+    # NIN's max pool: 3/2 rounding up (16 -> 8, floor would give 7)
+    "ceil max 3/2": (8, 16, 20, 3, 1, 1, 3, 2, (0, 0, 0, 0), True, False, {"ceil": True}),
+    # ceil mode whose last window would start in the padding: dropped (5 -> 3, not 4)
+    "ceil max, last window dropped": (4, 5, 18, 1, 1, 0, 2, 2, (1, 1, 1, 1), True, False, {"ceil": True}),
+    # ConvNet's Conv -> MaxPool -> Relu: the ReLU moves before the max
+    "max then relu": (3, 12, 20, 5, 1, 2, 3, 2, (0, 0, 0, 0), False, False, {"ceil": True, "relu_after": True}),
+    # NIN's and ConvNet's average pools: ceil mode, padding excluded from the divisor
+    "ceil avg 3/2": (8, 16, 24, 3, 1, 1, 3, 2, (0, 0, 0, 0), True, False, {"op": "AveragePool", "ceil": True}),
+    # PyTorch's AvgPool2d(3, 2, padding=1): count_include_pad=1
+    "avg with pads counted": (6, 11, 20, 3, 1, 1, 3, 2, (1, 1, 1, 1), False, False,
+                              {"op": "AveragePool", "count_include_pad": 1}),
+    "avg with pads not counted": (6, 11, 20, 3, 1, 1, 3, 2, (1, 1, 1, 1), True, False,
+                                  {"op": "AveragePool", "count_include_pad": 0}),
+    # the divisor counts the explicit padding but not the ceil-mode overhang (onnxruntime's rule)
+    "ceil avg, pads counted": (5, 10, 18, 3, 1, 1, 3, 2, (1, 1, 1, 1), True, False,
+                               {"op": "AveragePool", "ceil": True, "count_include_pad": 1}),
+    "depthwise then ceil avg": (16, 9, 16, 3, 1, 1, 3, 2, (0, 0, 0, 0), True, True,
+                                {"op": "AveragePool", "ceil": True}),
 }
 
 
 @pytest.mark.parametrize("name", list(POOLED))
-def test_max_pool_after_a_conv_is_fused_and_matches_onnxruntime(rng, name):
-    c, hw, o, k, s, p, pool, ps, pads, relu, dw = POOLED[name]
-    model = conv_pool_model(rng, c, hw, o, k, s, p, pool, ps, pads, relu, dw)
+def test_pool_after_a_conv_is_fused_and_matches_onnxruntime(rng, name):
+    c, hw, o, k, s, p, pool, ps, pads, relu, dw, *extra = POOLED[name]
+    model = conv_pool_model(rng, c, hw, o, k, s, p, pool, ps, pads, relu, dw, **(extra[0] if extra else {}))
     from tvm_scalpel.onnx_io import to_relax
     from tvm_scalpel.passes import RewriteConvLayers
 
     text = RewriteConvLayers("x86")(to_relax(model))["main"].script()
-    assert text.count("call_tir") == 1 and "max_pool2d" not in text
+    assert text.count("call_tir") == 1
+    for op in ("max_pool2d", "avg_pool2d", "R.nn.relu"):
+        assert op not in text
     built = compile_onnx(model, "x86")
     for batch in (1, 2):
         x = rng.standard_normal((batch, c, hw, hw)).astype(np.float32) - 0.5  # negatives: the pool's max
         assert rel_err(vm_run(built.executable, x), ort_run(model, x)) < TOL
+
+
+def test_avg_pool_then_relu_is_not_reordered(rng):
+    """relu(avg(x)) differs from avg(relu(x)): a ReLU after an average pool stays TVM's."""
+    model = conv_pool_model(rng, 6, 10, 20, 3, 1, 1, 3, 2, (0, 0, 0, 0), relu=False, op="AveragePool",
+                            ceil=True, relu_after=True)
+    from tvm_scalpel.onnx_io import to_relax
+    from tvm_scalpel.passes import RewriteConvLayers
+
+    text = RewriteConvLayers("x86")(to_relax(model))["main"].script()
+    assert "avg_pool2d" not in text and "R.nn.relu" in text
+    built = compile_onnx(model, "x86")
+    x = rng.standard_normal((2, 6, 10, 10)).astype(np.float32)
+    assert rel_err(vm_run(built.executable, x), ort_run(model, x)) < TOL
+
+
+def test_elementwise_readers_of_a_conv_kernel_are_not_fused_into_it(rng):
+    """TVM's FuseOps would merge the elementwise ops that read a conv kernel's output into it
+    (FuseTIR then fails on a kernel of several stages): the kernels are opaque to it."""
+    model = conv_pool_model(rng, 4, 9, 16, 3, 1, 1, 3, 2, (0, 0, 0, 0), relu=False, op="AveragePool",
+                            ceil=True)
+    graph = model.graph
+    graph.node[-1].output[0] = "pooled"
+    graph.node.extend([helper.make_node("Sigmoid", ["pooled"], ["s"]),
+                       helper.make_node("Mul", ["pooled", "s"], ["y"])])  # SiLU, read twice
+    built = compile_onnx(model, "x86")
+    x = rng.standard_normal((2, 4, 9, 9)).astype(np.float32)
+    assert rel_err(vm_run(built.executable, x), ort_run(model, x)) < TOL
 
 
 def test_max_pool_read_twice_or_after_a_sparse_conv_stays_correct(rng):
