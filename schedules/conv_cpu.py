@@ -365,6 +365,23 @@ def _pack_data(data: te.Tensor, shape: ConvShape, chunks: int, block: int, hp: i
     return te.compute((data.shape[0], chunks, hp, wp, block), value, name="data_pack")
 
 
+def reads_blocked_data(shape: ConvShape, knobs: ConvKnobs, io: ConvIO) -> bool:
+    """Whether the kernel reads its blocked data in place, without a packing stage: blocks of
+    its own ``ic_block``, ungrouped, and no padding to add (1x1 convs, unpadded ones)."""
+    return (io.data is not None and io.data.block == knobs.ic_block and shape.groups == 1
+            and not any(shape.padding))
+
+
+class _Indexed:
+    """A function of indices that reads like a tensor (``t[i, j]``) in TE expressions."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __getitem__(self, idx):
+        return self.fn(*idx)
+
+
 def _batch(shape: ConvShape):
     """The batch extent: the int, or a fresh variable of the kernel's own (bound from the
     data's shape at the call)."""
@@ -479,7 +496,15 @@ def conv2d_compute(shape: ConvShape, knobs: ConvKnobs, relu: bool, residual: boo
         within = cc * ib + b
         return grp * icg + tirx.min(within, icg - 1), within < icg
 
-    packed = _pack_data(data, shape, g * icc, ib, hp, wp, in_channel_of, io.data)
+    if reads_blocked_data(shape, knobs, io):
+        # the producer's blocks are the packed layout already, less the padding, of which
+        # there is none: read them in place (1x1 convs: a whole copy of the input saved)
+        def packed(n, c, y, x, b):
+            return data[n, c, y * shape.width + x, b]
+
+        packed = _Indexed(packed)
+    else:
+        packed = _pack_data(data, shape, g * icc, ib, hp, wp, in_channel_of, io.data)
     rc = te.reduce_axis((0, icc), name="rc")
     ry = te.reduce_axis((0, shape.kh), name="ry")
     rx = te.reduce_axis((0, shape.kw), name="rx")
@@ -543,15 +568,17 @@ def depthwise_compute(shape: ConvShape, knobs: ConvKnobs, relu: bool, residual: 
 
 def _schedule(func: tirx.PrimFunc, knobs: ConvKnobs, depthwise: bool, kh: int, kw: int,
               icc: int, pool: Pool | None = None, io: ConvIO = NCHW,
-              out_size: tuple[int, int] = (0, 0)) -> tirx.PrimFunc:
+              out_size: tuple[int, int] = (0, 0), direct: bool = False) -> tirx.PrimFunc:
     sch = tvm.s_tir.Schedule(func)
-    # data packing: threads over (n, chunk, row); from NCHW the (x, b) loops stay serial (a
-    # transpose), from blocks of its own size b is a vector copy
-    pack = sch.get_sblock("data_pack")
-    n, c, y, x, b = sch.get_loops(pack)
-    sch.parallel(sch.fuse(n, c, y))
-    if io.data is not None and io.data.block == knobs.ic_block:
-        sch.vectorize(b)
+    # data packing (none where the kernel reads blocked data in place: ``direct``): threads
+    # over (n, chunk, row); from NCHW the (x, b) loops stay serial (a transpose), from blocks
+    # of its own size b is a vector copy
+    if not direct:
+        pack = sch.get_sblock("data_pack")
+        n, c, y, x, b = sch.get_loops(pack)
+        sch.parallel(sch.fuse(n, c, y))
+        if io.data is not None and io.data.block == knobs.ic_block:
+            sch.vectorize(b)
 
     epi = sch.get_sblock("epilogue")
     conv = sch.get_sblock("conv")
@@ -648,7 +675,8 @@ def conv2d_kernel(shape: ConvShape, knobs: ConvKnobs, lanes: int, relu: bool = F
         tensors = conv2d_compute(shape, knobs, relu, residual, pool, io)
         icc = _ceil_div(shape.in_channels // shape.groups, knobs.ic_block)
     func = te.create_prim_func(tensors)
-    func = _schedule(func, knobs, shape.depthwise, shape.kh, shape.kw, icc, pool, io, shape.out_size)
+    direct = not shape.depthwise and reads_blocked_data(shape, knobs, io)
+    func = _schedule(func, knobs, shape.depthwise, shape.kh, shape.kw, icc, pool, io, shape.out_size, direct)
     # no global symbol: the module it is added to names it. Opaque to Relax's FuseOps: TVM
     # would otherwise see an "out-elementwise fusable" function (its last stage is a copy) and
     # fuse the elementwise ops that read its output into it, which FuseTIR cannot do for a
