@@ -15,7 +15,7 @@ from tvm import tirx
 from tvm_scalpel.errors import ScalpelError
 from tvm_scalpel.targets import TargetProfile
 
-from . import aarch64, conv_cpu, cortex_m4, cpu_kernels, cuda, x86
+from . import aarch64, conv_cpu, conv_winograd, cortex_m4, cpu_kernels, cuda, x86  # noqa: F401
 from .conv_cpu import NCHW, Blocked, ConvIO, ConvKnobs, ConvShape, Pool
 from .spec import CpuKnobs, LayerSpec, PackedGroupedSparse, TargetRule, pack_dense, pack_grouped_sparse
 
@@ -148,10 +148,10 @@ def patch_kernel(profile: TargetProfile, spec: LayerSpec, positions: int) -> tir
     return _cpu_rule(profile).patch_kernel(profile, spec, positions)
 
 
-def default_conv_knobs(profile: TargetProfile, shape: ConvShape) -> ConvKnobs:
+def default_conv_knobs(profile: TargetProfile, shape: ConvShape, winograd: bool = True) -> ConvKnobs:
     """The blocked conv kernel's knobs by the rule of ``conv_cpu.default_conv_knobs``, with the
-    target's lanes and vector registers."""
-    return _cpu_rule(profile).default_conv_knobs(profile, shape)
+    target's lanes and vector registers (``winograd=False``: the direct kernel's)."""
+    return _cpu_rule(profile).default_conv_knobs(profile, shape, winograd)
 
 
 def conv2d(profile: TargetProfile, shape: ConvShape, knobs: ConvKnobs | None = None,

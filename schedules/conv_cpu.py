@@ -135,6 +135,9 @@ class ConvKnobs:
     # through the weights: for images larger than the weights) or channel-major (the weights
     # of one output-channel block stay in cache while the image streams by)
     positions_outer: bool = False
+    # Winograd F(m x m, 3 x 3) (``conv_winograd``; 3x3 stride-1 convs only): m = 2 or 4, 0 for
+    # the direct kernel. ow_tile then counts m x m tiles, not pixels
+    winograd: int = 0
 
 
 @dataclass(frozen=True)
@@ -169,6 +172,9 @@ def output_layout(shape: "ConvShape", knobs: "ConvKnobs", pool: "Pool | None" = 
     if pool is not None:
         ph, pw = pool.out_size(*shape.out_size)
         return Blocked(knobs.oc_block, ph * pw)
+    if knobs.winograd:
+        oh, ow = shape.out_size
+        return Blocked(knobs.oc_block, oh * ow)
     return Blocked(knobs.oc_block, _geometry(shape, knobs)[2])
 
 
@@ -189,8 +195,21 @@ def _best_tile(width: int, candidates) -> int:
     return best
 
 
-def default_conv_knobs(shape: ConvShape, lanes: int, registers: int | None = None) -> ConvKnobs:
-    """The rule: ``oc_block`` two vectors (one when a group has at most ``lanes`` output
+def default_conv_knobs(shape: ConvShape, lanes: int, registers: int | None = None,
+                       winograd: bool = True) -> ConvKnobs:
+    """The rule: Winograd F(4x4, 3x3) where ``conv_winograd.winograd_pays`` (unless
+    ``winograd=False``), with the direct kernel's channel blocks and as many tiles in registers
+    as it has pixels; else the direct kernel's knobs (:func:`direct_conv_knobs`)."""
+    direct = direct_conv_knobs(shape, lanes, registers)
+    from . import conv_winograd
+
+    if winograd and conv_winograd.winograd_pays(shape):
+        return conv_winograd.winograd_knobs(shape, direct, conv_winograd.DEFAULT_TILE)
+    return direct
+
+
+def direct_conv_knobs(shape: ConvShape, lanes: int, registers: int | None = None) -> ConvKnobs:
+    """The direct kernel's rule: ``oc_block`` two vectors (one when a group has at most ``lanes`` output
     channels); ``ow_tile`` (output pixels, flattened over rows) as large as the register file
     allows with the weight vectors and one broadcast beside the accumulators (LLVM spills
     beyond: 7 x 2 ymm ran 2x slower than 5 x 2 on AVX2), shrunk by up to 2 where that wastes
@@ -277,6 +296,10 @@ def pack_weight(kernel: np.ndarray, shape: ConvShape, knobs: ConvKnobs) -> np.nd
     """``W[O, I, KH, KW]`` -> ``[G, OCg/ob, ICg/ib, KH, KW, ib, ob]`` (groups=1: G = 1),
     zero-padded to whole blocks; for depthwise, ``[C/cb, KH, KW, cb]``."""
     o, i, kh, kw = kernel.shape
+    if knobs.winograd:
+        from . import conv_winograd
+
+        return conv_winograd.pack_weight(kernel, shape, knobs)
     if shape.depthwise:
         cb = knobs.oc_block
         cc = _ceil_div(o, cb)
@@ -340,7 +363,7 @@ def _data_placeholder(shape: ConvShape, n_, layout: Blocked | None) -> te.Tensor
                            layout.block), F32, name="data")
 
 
-def _pack_data(data: te.Tensor, shape: ConvShape, chunks: int, block: int, hp: int, wp: int,
+def pack_data(data: te.Tensor, shape: ConvShape, chunks: int, block: int, hp: int, wp: int,
                channel_of, layout: Blocked | None = None) -> te.Tensor:
     """``packed[n, c, y, x, b] = data[n, channel_of(c, b), y - pt, x - pl]``, zero outside the
     image and in padded channels; ``data`` NCHW, or blocked by ``layout`` (in blocks of
@@ -388,7 +411,7 @@ def _batch(shape: ConvShape):
     return shape.batch if isinstance(shape.batch, int) else te.var("batch")
 
 
-def _epilogue_and_unpack(shape: ConvShape, conv: te.Tensor, bias: te.Tensor, relu: bool,
+def epilogue_and_unpack(shape: ConvShape, conv: te.Tensor, bias: te.Tensor, relu: bool,
                          residual: bool, channel_of, chunk_block, pool: Pool | None = None,
                          io: ConvIO = NCHW):
     """``blocked[n, oc, p, o] = act(conv + bias [+ residual])``, max-pooled by ``pool`` in the
@@ -504,7 +527,7 @@ def conv2d_compute(shape: ConvShape, knobs: ConvKnobs, relu: bool, residual: boo
 
         packed = _Indexed(packed)
     else:
-        packed = _pack_data(data, shape, g * icc, ib, hp, wp, in_channel_of, io.data)
+        packed = pack_data(data, shape, g * icc, ib, hp, wp, in_channel_of, io.data)
     rc = te.reduce_axis((0, icc), name="rc")
     ry = te.reduce_axis((0, shape.kh), name="ry")
     rx = te.reduce_axis((0, shape.kw), name="rx")
@@ -525,7 +548,7 @@ def conv2d_compute(shape: ConvShape, knobs: ConvKnobs, relu: bool, residual: boo
         grp, co = c // ocg, c % ocg
         return grp * occ + co // ob, co % ob
 
-    extra, out = _epilogue_and_unpack(shape, conv, bias, relu, residual, out_channel_of, chunk_block,
+    extra, out = epilogue_and_unpack(shape, conv, bias, relu, residual, out_channel_of, chunk_block,
                                       pool, io)
     return [data, weight, bias] + extra + [out]
 
@@ -547,7 +570,7 @@ def depthwise_compute(shape: ConvShape, knobs: ConvKnobs, relu: bool, residual: 
         ch = c * cb + b
         return tirx.min(ch, c_ - 1), ch < c_
 
-    packed = _pack_data(data, shape, cc, cb, hp, wp, channel_of)
+    packed = pack_data(data, shape, cc, cb, hp, wp, channel_of)
     ry = te.reduce_axis((0, shape.kh), name="ry")
     rx = te.reduce_axis((0, shape.kw), name="rx")
 
@@ -556,7 +579,7 @@ def depthwise_compute(shape: ConvShape, knobs: ConvKnobs, relu: bool, residual: 
         return te.sum(packed[n, c, y * sh + ry * dh, x * sw + rx * dw, b] * weight[c, ry, rx, b], axis=[ry, rx])
 
     conv = te.compute((n_, cc, positions, cb), conv_value, name="conv")
-    extra, out = _epilogue_and_unpack(shape, conv, bias, relu, residual, channel_of,
+    extra, out = epilogue_and_unpack(shape, conv, bias, relu, residual, channel_of,
                                       lambda c: (c // cb, c % cb), pool)
     return [data, weight, bias] + extra + [out]
 
@@ -637,6 +660,13 @@ def _schedule(func: tirx.PrimFunc, knobs: ConvKnobs, depthwise: bool, kh: int, k
     sch.unroll(xi)
     sch.vectorize(o)
 
+    return schedule_pool_and_unpack(sch, knobs.oc_block, pool, io, out_size)
+
+
+def schedule_pool_and_unpack(sch: tvm.s_tir.Schedule, oc_block: int, pool: Pool | None, io: ConvIO,
+                             out_size: tuple[int, int]) -> tirx.PrimFunc:
+    """Schedule the stages after the epilogue (:func:`epilogue_and_unpack`'s) and return the
+    function."""
     if pool is not None:
         # the pool: threads over (batch, channel block, pooled row), the channel block a vector
         block = sch.get_sblock("pool")
@@ -653,7 +683,7 @@ def _schedule(func: tirx.PrimFunc, knobs: ConvKnobs, depthwise: bool, kh: int, k
         return sch.mod["main"]
     unpack = sch.get_sblock("unpack")
     n, c, y, x = sch.get_loops(unpack)
-    cc, cb = sch.split(c, [None, knobs.oc_block])
+    cc, cb = sch.split(c, [None, oc_block])
     sch.reorder(n, cc, y, cb, x)
     sch.parallel(sch.fuse(n, cc, y))
     return sch.mod["main"]
@@ -668,15 +698,24 @@ def conv2d_kernel(shape: ConvShape, knobs: ConvKnobs, lanes: int, relu: bool = F
     take NCHW only."""
     if io != NCHW and shape.groups != 1:
         raise ValueError("blocked inputs and outputs are for ungrouped convolutions only")
-    if shape.depthwise:
-        tensors = depthwise_compute(shape, knobs, relu, residual, pool)
-        icc = 1
+    if knobs.winograd:
+        from . import conv_winograd
+
+        if not conv_winograd.supports(shape) or knobs.winograd not in conv_winograd.TILES:
+            raise ValueError(f"no Winograd F({knobs.winograd}, 3) kernel for {shape}")
+        tensors = conv_winograd.conv2d_compute(shape, knobs, relu, residual, pool, io)
+        func = conv_winograd.schedule(te.create_prim_func(tensors), shape, knobs, pool, io)
     else:
-        tensors = conv2d_compute(shape, knobs, relu, residual, pool, io)
-        icc = _ceil_div(shape.in_channels // shape.groups, knobs.ic_block)
-    func = te.create_prim_func(tensors)
-    direct = not shape.depthwise and reads_blocked_data(shape, knobs, io)
-    func = _schedule(func, knobs, shape.depthwise, shape.kh, shape.kw, icc, pool, io, shape.out_size, direct)
+        if shape.depthwise:
+            tensors = depthwise_compute(shape, knobs, relu, residual, pool)
+            icc = 1
+        else:
+            tensors = conv2d_compute(shape, knobs, relu, residual, pool, io)
+            icc = _ceil_div(shape.in_channels // shape.groups, knobs.ic_block)
+        func = te.create_prim_func(tensors)
+        direct = not shape.depthwise and reads_blocked_data(shape, knobs, io)
+        func = _schedule(func, knobs, shape.depthwise, shape.kh, shape.kw, icc, pool, io, shape.out_size,
+                         direct)
     # no global symbol: the module it is added to names it. Opaque to Relax's FuseOps: TVM
     # would otherwise see an "out-elementwise fusable" function (its last stage is a copy) and
     # fuse the elementwise ops that read its output into it, which FuseTIR cannot do for a

@@ -471,9 +471,10 @@ class LlvmCpuRule(TargetRule):
     def patch_kernel(self, profile: TargetProfile, spec: LayerSpec, positions: int) -> tirx.PrimFunc:
         return patch_kernel(spec, positions)
 
-    def default_conv_knobs(self, profile: TargetProfile, shape: conv_cpu.ConvShape) -> conv_cpu.ConvKnobs:
+    def default_conv_knobs(self, profile: TargetProfile, shape: conv_cpu.ConvShape,
+                           winograd: bool = True) -> conv_cpu.ConvKnobs:
         lanes = self.conv_lanes(profile)
-        return conv_cpu.default_conv_knobs(shape, lanes, self.vector_registers(lanes))
+        return conv_cpu.default_conv_knobs(shape, lanes, self.vector_registers(lanes), winograd)
 
     def conv2d(self, profile: TargetProfile, shape: conv_cpu.ConvShape, knobs: conv_cpu.ConvKnobs,
                relu: bool, residual: bool, pool: conv_cpu.Pool | None = None,

@@ -179,7 +179,7 @@ class TargetRule:
     def patch_kernel(self, profile: TargetProfile, spec: LayerSpec, positions: int) -> tirx.PrimFunc:
         raise ScalpelError(f"no convolution kernel for target kind {profile.kind!r}")
 
-    def default_conv_knobs(self, profile: TargetProfile, shape):
+    def default_conv_knobs(self, profile: TargetProfile, shape, winograd: bool = True):
         raise ScalpelError(f"no convolution kernel for target kind {profile.kind!r}")
 
     def conv2d(self, profile: TargetProfile, shape, knobs, relu: bool, residual: bool,

@@ -2,8 +2,9 @@
 
 The rule (``schedules.default_conv_knobs``) is close to the best on most layers, but not on
 all: on AVX-512 the best output tile of a strided RGB stem, the channel block of a 7x7 layer
-and the task order of a large image differ by 5-40% from it. ``tune`` times a few candidates
-around the rule (output tile, channel block, kw unrolling, cache blocking, task order) for
+and the task order of a large image differ by 5-40% from it, and where Winograd starts to pay
+is a threshold. ``tune`` times a few candidates around the rule (Winograd or direct for 3x3
+stride-1 layers, output tile, channel block, kw unrolling, cache blocking, task order) for
 each conv shape of the model and records them in the tuning database; ``compile --db`` builds
 each layer with the fastest recorded knobs (the rule where the database has none).
 
@@ -32,10 +33,10 @@ def conv_key(profile: TargetProfile, shape) -> str:
 
 
 def conv_candidates(profile: TargetProfile, shape) -> list:
-    """The rule's knobs first, then variants of it, without repeats: the output tile a few
-    pixels either way, the channel block of one, two or four vectors (with the tile the
+    """The rule's knobs first, then variants of it, without repeats: for a 3x3 stride-1 layer
+    the direct kernel and both Winograd tiles; the (direct) output tile a few pixels either way, the channel block of one, two or four vectors (with the tile the
     registers then allow), kw unrolled or not, the other task order, cache blocking on / off."""
-    from .schedules import default_conv_knobs
+    from .schedules import conv_winograd, default_conv_knobs
 
     base = default_conv_knobs(profile, shape)
     lanes = max(profile.simd_width, 1)
@@ -49,6 +50,14 @@ def conv_candidates(profile: TargetProfile, shape) -> list:
         for tile in (base.ow_tile - 2, base.ow_tile + 2, base.ow_tile // 2):
             add(replace(base, ow_tile=max(1, tile)))
         return out
+    if conv_winograd.supports(shape):
+        # the other algorithm first (the rule's Winograd choice is a threshold), then the other
+        # Winograd tile size, then variants of the direct kernel
+        direct = default_conv_knobs(profile, shape, winograd=False)
+        add(direct)
+        for m in conv_winograd.TILES:
+            add(conv_winograd.winograd_knobs(shape, direct, m))
+        base = direct
     vectors = base.oc_block // lanes
     ocg = shape.out_channels // shape.groups
     for tile in (base.ow_tile - 2, base.ow_tile - 4, max(1, base.ow_tile // 2), base.ow_tile + 2):

@@ -1,0 +1,269 @@
+"""Winograd convolution for 3x3, stride-1 layers on LLVM CPU targets, in the blocked layout.
+
+Winograd's minimal filtering F(m x m, 3 x 3) (Lavin & Gray, "Fast Algorithms for Convolutional
+Neural Networks", CVPR 2016) computes an ``m x m`` output tile from an ``a x a`` input tile
+(``a = m + 2``) with ``a * a`` multiplications per (input, output) channel pair instead of
+``9 * m * m``: 2.25x fewer for F(2x2, 3x3), 4x fewer for F(4x4, 3x3). The kernel runs in four
+stages, each in the NCHW[x]c blocking of ``conv_cpu``:
+
+1. ``data_pack``: the padded input, ``[N, C/ib, Hp, Wp, ib]`` (``conv_cpu.pack_data``);
+2. ``wino_in``: each input tile transformed, ``V = B^T d B``, ``[N, a*a, C/ib, tiles, ib]``;
+3. ``wino_gemm``: ``a * a`` independent GEMMs over the input channels, ``M[e] = V[e] U[e]``, with
+   the weights ``U = G g G^T`` transformed at compile time (:func:`pack_weight`). This is the
+   blocked 1x1 conv's micro-kernel: ``ow_tile`` tiles x ``oc_block`` output channels in vector
+   registers, one broadcast times ``oc_block / lanes`` weight vectors a step;
+4. ``wino_out``: each tile's outputs, ``Y = A^T M A``, computed per thread task right after its
+   GEMMs (their result is still in cache); then ``conv_cpu.epilogue_and_unpack`` (bias,
+   residual, ReLU, a fused pool, NCHW or blocked output), as for the direct kernel.
+
+The transforms are unrolled with the matrices' nonzero coefficients only. The weights grow by
+``a * a / 9`` (1.8x, 4x) and the transformed input by ``a * a / (m * m)``: Winograd pays on
+layers with many positions and few weights (ResNet's and VGG's 3x3 layers at 56 and 28), not on
+the weight-heavy ones at 14 and 7, which are bound by reading their weights (``winograd_pays``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm import te, tirx
+
+from . import conv_cpu
+from .conv_cpu import F32, ConvIO, ConvKnobs, ConvShape, Pool, _ceil_div
+
+# F(m, 3) from the points 0, 1, -1 (m = 2) and 0, 1, -1, 2, -2 (m = 4), and infinity: B^T, G, A^T
+MATRICES = {
+    2: (
+        [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
+        [[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]],
+        [[1, 1, 1, 0], [0, 1, -1, -1]],
+    ),
+    4: (
+        [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+         [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]],
+        [[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+         [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]],
+        [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]],
+    ),
+}
+TILES = tuple(MATRICES)
+
+
+def supports(shape: ConvShape) -> bool:
+    """3x3, stride 1, no dilation, ungrouped."""
+    return ((shape.kh, shape.kw) == (3, 3) and shape.strides == (1, 1) and shape.dilation == (1, 1)
+            and shape.groups == 1)
+
+
+# The rule, measured one layer at a time (batch 1, 2 threads, AVX-512 Zen 4), F(4x4) against
+# the direct kernel: ResNet-18's 64 @ 56 2.8x and 128 @ 28 2.5x faster, VGG-11's 128 @ 112 1.8x,
+# 256 @ 56 1.5x, 512 @ 28 1.65x (weights 5.9x its input); ResNet's 256 @ 14 (11.8x) the same,
+# its 512 @ 7 and AlexNet's 384 @ 13 (20-47x) 1.4-2x slower: there the (4x larger) weights are
+# what the layer waits for, and few tiles share them.
+DEFAULT_TILE = 4
+MIN_CHANNELS = 16  # an RGB / narrow first layer: the transforms cost more than they save
+MAX_WEIGHT_RATIO = 8  # weights / input elements (both at one image)
+
+
+def winograd_pays(shape: ConvShape) -> bool:
+    """The rule's choice: a supported layer whose image is large beside its weights."""
+    weights = shape.out_channels * shape.in_channels * 9
+    return (supports(shape) and min(shape.in_channels, shape.out_channels) >= MIN_CHANNELS
+            and weights <= MAX_WEIGHT_RATIO * shape.in_channels * shape.height * shape.width)
+
+
+def winograd_knobs(shape: ConvShape, direct: ConvKnobs, m: int) -> ConvKnobs:
+    """F(m x m, 3 x 3) with the channel blocks of the direct kernel's knobs ``direct``, and as many
+    tiles in registers as it holds pixels (fewer where that pads less)."""
+    return ConvKnobs(oc_block=direct.oc_block, ic_block=direct.ic_block,
+                     ow_tile=conv_cpu._tile(tile_count(shape, m), direct.ow_tile), winograd=m)
+
+
+def tile_count(shape: ConvShape, m: int) -> int:
+    """The m x m output tiles of one image."""
+    oh, ow = shape.out_size
+    return _ceil_div(oh, m) * _ceil_div(ow, m)
+
+
+def _geometry(shape: ConvShape, m: int):
+    oh, ow = shape.out_size
+    return oh, ow, _ceil_div(oh, m), _ceil_div(ow, m)
+
+
+def pack_weight(kernel: np.ndarray, shape: ConvShape, knobs: ConvKnobs) -> np.ndarray:
+    """``W[O, I, 3, 3]`` -> ``U[a*a, O/ob, I/ib, ib, ob]``, ``U[e = eps*a + nu] = (G W G^T)[eps, nu]``
+    (computed in float64), zero-padded to whole channel blocks."""
+    _, g, _ = MATRICES[knobs.winograd]
+    g = np.asarray(g, np.float64)
+    a = g.shape[0]
+    o, i = kernel.shape[:2]
+    ob, ib = knobs.oc_block, knobs.ic_block
+    occ, icc = _ceil_div(o, ob), _ceil_div(i, ib)
+    u = np.einsum("er,oirs,fs->efoi", g, kernel.astype(np.float64), g).reshape(a * a, o, i)
+    out = np.zeros((a * a, occ * ob, icc * ib), np.float32)
+    out[:, :o, :i] = u
+    return np.ascontiguousarray(out.reshape(a * a, occ, ob, icc, ib).transpose(0, 1, 3, 4, 2))
+
+
+def output_positions(shape: ConvShape) -> int:
+    """The blocked output's positions: the image's, unpadded."""
+    oh, ow = shape.out_size
+    return oh * ow
+
+
+def _combine(row, read):
+    """``sum_r row[r] * read(r)`` over the nonzero coefficients, as a constant-folded expression."""
+    total = None
+    for r, c in enumerate(row):
+        if c == 0:
+            continue
+        v = read(r)
+        term = v if c == 1 else (-v if c == -1 else v * tirx.const(c, F32))
+        total = term if total is None else total + term
+    return total
+
+
+def _select(index, values: list):
+    """``values[index]`` for an index that the schedule unrolls (the chain then folds away)."""
+    out = values[-1]
+    for k in range(len(values) - 2, -1, -1):
+        out = tirx.Select(index == k, values[k], out)
+    return out
+
+
+def _transform(mat, index, read):
+    """``sum_r mat[index][r] * read(r)`` for an unrolled ``index``: one of a matrix's rows."""
+    return _select(index, [_combine(row, read) for row in mat])
+
+
+def conv2d_compute(shape: ConvShape, knobs: ConvKnobs, relu: bool, residual: bool = False,
+                   pool: Pool | None = None, io: ConvIO = conv_cpu.NCHW):
+    """TE tensors ``(data, weight, bias[, residual], out)``, as ``conv_cpu.conv2d_compute``."""
+    m = knobs.winograd
+    bt, _, at = MATRICES[m]
+    a = m + 2
+    ob, ib = knobs.oc_block, knobs.ic_block
+    occ, icc = _ceil_div(shape.out_channels, ob), _ceil_div(shape.in_channels, ib)
+    oh, ow, th, tw = _geometry(shape, m)
+    tiles = th * tw
+    padded_tiles = _ceil_div(tiles, knobs.ow_tile) * knobs.ow_tile
+    n_ = conv_cpu._batch(shape)
+
+    data = conv_cpu._data_placeholder(shape, n_, io.data)
+    weight = te.placeholder((a * a, occ, icc, ib, ob), F32, name="weight")
+    bias = te.placeholder((occ, ob), F32, name="bias")
+
+    def in_channel_of(c, b):
+        within = c * ib + b
+        return tirx.min(within, shape.in_channels - 1), within < shape.in_channels
+
+    packed = conv_cpu.pack_data(data, shape, icc, ib, th * m + 2, tw * m + 2, in_channel_of, io.data)
+
+    # the transforms are separable: B^T d B is B^T applied to the rows, then to the columns
+    # (half the operations of the 2-D sum, and small expressions for the compiler)
+    def input_rows(n, c, t, eps, s, b):
+        q = tirx.min(t, tiles - 1)  # padding tiles repeat the last one (never stored)
+        y0, x0 = q // tw * m, q % tw * m
+        return _transform(bt, eps, lambda r: packed[n, c, y0 + r, x0 + s, b])
+
+    rows = te.compute((n_, icc, padded_tiles, a, a, ib), input_rows, name="wino_in_rows")
+    v = te.compute((n_, a * a, icc, padded_tiles, ib),
+                   lambda n, e, c, t, b: _transform(bt, e % a, lambda s: rows[n, c, t, e // a, s, b]),
+                   name="wino_in")
+    rc = te.reduce_axis((0, icc), name="rc")
+    rb = te.reduce_axis((0, ib), name="rb")
+    gemm = te.compute((n_, a * a, occ, padded_tiles, ob),
+                      lambda n, e, oc, t, o: te.sum(v[n, e, rc, t, rb] * weight[e, oc, rc, rb, o], axis=[rc, rb]),
+                      name="wino_gemm")
+
+    out_rows = te.compute((n_, occ, padded_tiles, m, a, ob),
+                          lambda n, oc, t, i, s, o: _transform(at, i, lambda r: gemm[n, r * a + s, oc, t, o]),
+                          name="wino_out_rows")
+    tile_out = te.compute((n_, occ, padded_tiles, m * m, ob),
+                          lambda n, oc, t, j, o: _transform(at, j % m, lambda s: out_rows[n, oc, t, j // m, s, o]),
+                          name="wino_out")
+
+    def gathered(n, oc, p, o):
+        y, x = p // ow, p % ow
+        return tile_out[n, oc, y // m * tw + x // m, y % m * m + x % m, o]
+
+    conv = te.compute((n_, occ, oh * ow, ob), gathered, name="wino_gather")
+
+    def out_channel_of(oc, o):
+        within = oc * ob + o
+        return tirx.min(within, shape.out_channels - 1), within < shape.out_channels
+
+    extra, out = conv_cpu.epilogue_and_unpack(shape, conv, bias, relu, residual, out_channel_of,
+                                              lambda c: (c // ob, c % ob), pool, io)
+    return [data, weight, bias] + extra + [out]
+
+
+def schedule(func: tirx.PrimFunc, shape: ConvShape, knobs: ConvKnobs, pool: Pool | None,
+             io: ConvIO) -> tirx.PrimFunc:
+    import tvm
+
+    sch = tvm.s_tir.Schedule(func)
+    pack = sch.get_sblock("data_pack")
+    n, c, y, x, b = sch.get_loops(pack)
+    sch.parallel(sch.fuse(n, c, y))
+    if io.data is not None and io.data.block == knobs.ic_block:
+        sch.vectorize(b)
+
+    # input transform: threads over (batch, channel chunk, tile); per tile all a*a outputs
+    # from one a x a window of channel vectors
+    tin = sch.get_sblock("wino_in")
+    n, e, c, t, b = sch.get_loops(tin)
+    sch.reorder(n, c, t, e, b)
+    sch.parallel(sch.fuse(n, c, t))
+    sch.unroll(e)
+    sch.vectorize(b)
+    rows = sch.get_sblock("wino_in_rows")
+    sch.compute_at(rows, sch.get_loops(tin)[0])  # a tile's a x a x ib rows, in L1
+    _, eps, s_, b = sch.get_loops(rows)
+    sch.unroll(eps)
+    sch.unroll(s_)
+    sch.vectorize(b)
+
+    # GEMMs and output transform: a thread task is (batch, channel block, ow_tile tiles); it
+    # runs the a*a GEMMs of its tiles (accumulators: ow_tile x oc_block in registers), then
+    # transforms their outputs while they are in cache
+    tout = sch.get_sblock("wino_out")
+    gemm = sch.get_sblock("wino_gemm")
+    n, oc, t, j, o = sch.get_loops(tout)
+    to, ti = sch.split(t, [None, knobs.ow_tile])
+    task = sch.fuse(n, oc, to)
+    sch.parallel(task)
+    out_rows = sch.get_sblock("wino_out_rows")
+    sch.compute_at(out_rows, ti)  # one tile's m x a rows, from the GEMMs' results in cache
+    i, s_, o_ = sch.get_loops(out_rows)[-3:]
+    sch.unroll(i)
+    sch.unroll(s_)
+    sch.vectorize(o_)
+    sch.compute_at(gemm, task)
+    # under the task: e, the tiles, the channel block, then the reduction (rc, rb); compute_at
+    # drops the loops of extent 1
+    a = knobs.winograd + 2
+    order = [("e", a * a), ("t", knobs.ow_tile), ("o", knobs.oc_block),
+             ("rc", _ceil_div(shape.in_channels, knobs.ic_block)), ("rb", knobs.ic_block)]
+    present = [name for name, extent in order if extent > 1]
+    loops = dict(zip(present, sch.get_loops(gemm)[-len(present):]))
+    sch.reorder(*[loops[k] for k in ("e", "rc", "rb", "t", "o") if k in loops])
+    if "t" in loops:
+        sch.unroll(loops["t"])
+    sch.vectorize(loops["o"])
+    sch.decompose_reduction(gemm, loops["rc"] if "rc" in loops else loops["rb"])
+    il = sch.get_loops(sch.get_sblock("wino_gemm_init"))
+    sch.vectorize(il[-1])
+    if "t" in loops:
+        sch.unroll(il[-2])
+    sch.unroll(j)
+    sch.vectorize(o)
+
+    # gather + epilogue: threads over (batch, channel block, rows of positions)
+    sch.compute_inline(sch.get_sblock("wino_gather"))
+    epi = sch.get_sblock("epilogue")
+    n, oc, p, o = sch.get_loops(epi)
+    oh, ow = shape.out_size
+    rows, _ = sch.split(p, [oh, ow])
+    sch.parallel(sch.fuse(n, oc, rows))
+    sch.vectorize(o)
+    return conv_cpu.schedule_pool_and_unpack(sch, knobs.oc_block, pool, io, shape.out_size)
