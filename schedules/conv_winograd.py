@@ -54,21 +54,36 @@ def supports(shape: ConvShape) -> bool:
             and shape.groups == 1)
 
 
-# The rule, measured one layer at a time (batch 1, 2 threads, AVX-512 Zen 4), F(4x4) against
-# the direct kernel: ResNet-18's 64 @ 56 2.8x and 128 @ 28 2.5x faster, VGG-11's 128 @ 112 1.8x,
-# 256 @ 56 1.5x, 512 @ 28 1.65x (weights 5.9x its input); ResNet's 256 @ 14 (11.8x) the same,
-# its 512 @ 7 and AlexNet's 384 @ 13 (20-47x) 1.4-2x slower: there the (4x larger) weights are
-# what the layer waits for, and few tiles share them.
+# The rule, measured one layer at a time (2 threads, AVX-512 Zen 4), F(4x4) against the direct
+# kernel at batch 1: ResNet-18's 64 @ 56 2.8x and 128 @ 28 2.5x faster, VGG-11's 128 @ 112 1.8x,
+# 256 @ 56 1.5x, 512 @ 28 1.65x (weights 5.9x its input); ResNet's 256 @ 14 (11.8x) the same;
+# its 512 @ 7 (94x) and AlexNet's 384 @ 13 (20x) 1.4-2x slower: there the (4x larger) weights
+# are what the layer waits for, and few tiles share them. At batch 8: ResNet's 256 @ 14 2.4x
+# faster, its 512 @ 7 1.3x (weights 12x the batch's input: not taken), NIN's 192 @ 8 3x;
+# AlexNet's layers at 13 stayed slower: 4x4 tiles cover 16x16, a third of their work padding
+# (``work_ratio``). On AVX2 code (znver3, same host): ResNet's 64 @ 56 2.4x, 128 @ 28 2.9x and
+# VGG's 512 @ 28 1.9x faster.
 DEFAULT_TILE = 4
 MIN_CHANNELS = 16  # an RGB / narrow first layer: the transforms cost more than they save
-MAX_WEIGHT_RATIO = 8  # weights / input elements (both at one image)
+MAX_WEIGHT_RATIO = 8  # weights / input elements of the whole batch
+MAX_WORK_RATIO = 0.34  # multiplications of the GEMMs / the direct kernel's (F(4x4): 0.25 at best)
+
+
+def work_ratio(shape: ConvShape, m: int) -> float:
+    """The GEMMs' multiply-adds over the direct kernel's: ``a * a`` per m x m tile (the last
+    tiles partly padding) against 9 per output pixel."""
+    oh, ow = shape.out_size
+    return tile_count(shape, m) * (m + 2) ** 2 / (9 * oh * ow)
 
 
 def winograd_pays(shape: ConvShape) -> bool:
-    """The rule's choice: a supported layer whose image is large beside its weights."""
+    """The rule's choice: a supported layer whose image (times the batch, where it is known)
+    is large beside its weights, and whose size the tiles fit without much padding."""
+    batch = shape.batch if isinstance(shape.batch, int) else 1
     weights = shape.out_channels * shape.in_channels * 9
     return (supports(shape) and min(shape.in_channels, shape.out_channels) >= MIN_CHANNELS
-            and weights <= MAX_WEIGHT_RATIO * shape.in_channels * shape.height * shape.width)
+            and weights <= MAX_WEIGHT_RATIO * batch * shape.in_channels * shape.height * shape.width
+            and work_ratio(shape, DEFAULT_TILE) <= MAX_WORK_RATIO)
 
 
 def winograd_knobs(shape: ConvShape, direct: ConvKnobs, m: int) -> ConvKnobs:

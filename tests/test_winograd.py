@@ -117,6 +117,8 @@ def test_weight_transform_is_exact_on_a_delta():
     (ConvShape(1, 3, 224, 224, 64, 3, 3, (1, 1), (1, 1, 1, 1)), False),  # RGB input
     (ConvShape(1, 64, 56, 56, 64, 1, 1), False),
     (ConvShape(1, 64, 56, 56, 64, 3, 3, (1, 1), (2, 2, 2, 2), (2, 2)), False),  # dilated
+    (ConvShape(8, 256, 14, 14, 256, 3, 3, (1, 1), (1, 1, 1, 1)), True),  # a batch of 8 shares them
+    (ConvShape(8, 192, 13, 13, 384, 3, 3, (1, 1), (1, 1, 1, 1)), False),  # 4x4 tiles pad 13 to 16
 ])
 def test_rule_picks_winograd_where_the_image_outweighs_the_weights(shape, pays):
     knobs = conv_cpu.default_conv_knobs(shape, LANES, REGISTERS)
