@@ -6,6 +6,7 @@
 * ``FuseDenseChains``: back-to-back kernel calls -> one chained kernel call.
 * ``RemoveMaskedNodes``: node pruning: neurons / feature maps closed by a 0/1 mask layer are
   removed from producer and consumer weights; the model stays dense, just smaller.
+* ``SimplifyPower``: ``power(x, 0.75)`` (LRN) and other quarter exponents -> sqrt / multiply.
 * ``scalpel_pipeline``: pruning + rewrite + fusion, then TVM's default pipeline, for
   ``tvm.compile``.
 
@@ -21,11 +22,12 @@ from .conv_layers import ConvLayer, find_conv_layers
 from .dense_layers import DenseLayer, find_dense_layers
 from .fuse_dense_chains import FuseDenseChains
 from .mark_no_alias import MarkNoAlias
-from .pipeline import scalpel_pipeline
+from .pipeline import backend_pipeline, scalpel_pipeline
 from .prune_weights import PrunedLayer, PruneWeightGroups
 from .remove_masked_nodes import MaskedLayer, RemoveMaskedNodes
 from .rewrite_conv_layers import RewriteConvLayers
 from .rewrite_dense_layers import RewriteDenseLayers
+from .simplify_power import SimplifyPower
 
 __all__ = [
     "ConvLayer",
@@ -42,4 +44,6 @@ __all__ = [
     "RemoveMaskedNodes",
     "RewriteDenseLayers",
     "scalpel_pipeline",
+    "backend_pipeline",
+    "SimplifyPower",
 ]

@@ -149,8 +149,9 @@ def patch_kernel(profile: TargetProfile, spec: LayerSpec, positions: int) -> tir
 
 
 def default_conv_knobs(profile: TargetProfile, shape: ConvShape, winograd: bool = True) -> ConvKnobs:
-    """The blocked conv kernel's knobs by the rule of ``conv_cpu.default_conv_knobs``, with the
-    target's lanes and vector registers (``winograd=False``: the direct kernel's)."""
+    """The conv kernel's knobs by the target's rule: Winograd where ``conv_winograd.winograd_pays``
+    (unless ``winograd=False``), else the direct kernel's (``conv_cpu.default_conv_knobs``),
+    with the target's lanes and vector registers."""
     return _cpu_rule(profile).default_conv_knobs(profile, shape, winograd)
 
 
@@ -173,6 +174,9 @@ def conv_output_layout(shape: ConvShape, knobs: ConvKnobs, pool: Pool | None = N
 
 
 def pack_conv_weight(kernel, shape: ConvShape, knobs: ConvKnobs):
+    """The weight as the kernel of ``knobs`` reads it (Winograd's transformed, or blocked)."""
+    if knobs.winograd:
+        return conv_winograd.pack_weight(kernel, shape, knobs)
     return conv_cpu.pack_weight(kernel, shape, knobs)
 
 

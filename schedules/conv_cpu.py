@@ -27,7 +27,9 @@ Depthwise convolutions (one input channel per output channel) are blocked over c
 same way, with the channel block vectorized and an output-width tile in registers.
 
 All kernels are TE computes scheduled with ``tvm.s_tir.Schedule``; their knobs are
-:class:`ConvKnobs`, with defaults from :func:`default_conv_knobs`.
+:class:`ConvKnobs`, with defaults from :func:`default_conv_knobs`. 3x3 stride-1 layers may run
+Winograd's algorithm instead (``conv_winograd.py``, ``ConvKnobs.winograd``), which shares the
+packing, the epilogue and the layouts defined here.
 """
 
 from __future__ import annotations
@@ -195,21 +197,9 @@ def _best_tile(width: int, candidates) -> int:
     return best
 
 
-def default_conv_knobs(shape: ConvShape, lanes: int, registers: int | None = None,
-                       winograd: bool = True) -> ConvKnobs:
-    """The rule: Winograd F(4x4, 3x3) where ``conv_winograd.winograd_pays`` (unless
-    ``winograd=False``), with the direct kernel's channel blocks and as many tiles in registers
-    as it has pixels; else the direct kernel's knobs (:func:`direct_conv_knobs`)."""
-    direct = direct_conv_knobs(shape, lanes, registers)
-    from . import conv_winograd
-
-    if winograd and conv_winograd.winograd_pays(shape):
-        return conv_winograd.winograd_knobs(shape, direct, conv_winograd.DEFAULT_TILE)
-    return direct
-
-
-def direct_conv_knobs(shape: ConvShape, lanes: int, registers: int | None = None) -> ConvKnobs:
-    """The direct kernel's rule: ``oc_block`` two vectors (one when a group has at most ``lanes`` output
+def default_conv_knobs(shape: ConvShape, lanes: int, registers: int | None = None) -> ConvKnobs:
+    """The direct kernel's rule (the target rules choose Winograd instead where
+    ``conv_winograd.winograd_pays``): ``oc_block`` two vectors (one when a group has at most ``lanes`` output
     channels); ``ow_tile`` (output pixels, flattened over rows) as large as the register file
     allows with the weight vectors and one broadcast beside the accumulators (LLVM spills
     beyond: 7 x 2 ymm ran 2x slower than 5 x 2 on AVX2), shrunk by up to 2 where that wastes
@@ -296,10 +286,6 @@ def pack_weight(kernel: np.ndarray, shape: ConvShape, knobs: ConvKnobs) -> np.nd
     """``W[O, I, KH, KW]`` -> ``[G, OCg/ob, ICg/ib, KH, KW, ib, ob]`` (groups=1: G = 1),
     zero-padded to whole blocks; for depthwise, ``[C/cb, KH, KW, cb]``."""
     o, i, kh, kw = kernel.shape
-    if knobs.winograd:
-        from . import conv_winograd
-
-        return conv_winograd.pack_weight(kernel, shape, knobs)
     if shape.depthwise:
         cb = knobs.oc_block
         cc = _ceil_div(o, cb)
@@ -699,27 +685,24 @@ def conv2d_kernel(shape: ConvShape, knobs: ConvKnobs, lanes: int, relu: bool = F
     if io != NCHW and shape.groups != 1:
         raise ValueError("blocked inputs and outputs are for ungrouped convolutions only")
     if knobs.winograd:
-        from . import conv_winograd
-
-        if not conv_winograd.supports(shape) or knobs.winograd not in conv_winograd.TILES:
-            raise ValueError(f"no Winograd F({knobs.winograd}, 3) kernel for {shape}")
-        tensors = conv_winograd.conv2d_compute(shape, knobs, relu, residual, pool, io)
-        func = conv_winograd.schedule(te.create_prim_func(tensors), shape, knobs, pool, io)
+        raise ValueError("Winograd knobs: conv_winograd.conv2d_kernel builds that kernel")
+    if shape.depthwise:
+        tensors = depthwise_compute(shape, knobs, relu, residual, pool)
+        icc = 1
     else:
-        if shape.depthwise:
-            tensors = depthwise_compute(shape, knobs, relu, residual, pool)
-            icc = 1
-        else:
-            tensors = conv2d_compute(shape, knobs, relu, residual, pool, io)
-            icc = _ceil_div(shape.in_channels // shape.groups, knobs.ic_block)
-        func = te.create_prim_func(tensors)
-        direct = not shape.depthwise and reads_blocked_data(shape, knobs, io)
-        func = _schedule(func, knobs, shape.depthwise, shape.kh, shape.kw, icc, pool, io, shape.out_size,
-                         direct)
-    # no global symbol: the module it is added to names it. Opaque to Relax's FuseOps: TVM
-    # would otherwise see an "out-elementwise fusable" function (its last stage is a copy) and
-    # fuse the elementwise ops that read its output into it, which FuseTIR cannot do for a
-    # kernel of several stages (ConvNet: a max pool fused here, then ReLU and LRN).
+        tensors = conv2d_compute(shape, knobs, relu, residual, pool, io)
+        icc = _ceil_div(shape.in_channels // shape.groups, knobs.ic_block)
+    func = te.create_prim_func(tensors)
+    direct = not shape.depthwise and reads_blocked_data(shape, knobs, io)
+    return finish_kernel(_schedule(func, knobs, shape.depthwise, shape.kh, shape.kw, icc, pool, io,
+                                   shape.out_size, direct))
+
+
+def finish_kernel(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """No global symbol: the module it is added to names it. Opaque to Relax's FuseOps: TVM
+    would otherwise see an "out-elementwise fusable" function (its last stage is a copy) and
+    fuse the elementwise ops that read its output into it, which FuseTIR cannot do for a
+    kernel of several stages (ConvNet: a max pool fused here, then ReLU and LRN)."""
     return func.without_attr("global_symbol").with_attr("op_pattern", OP_PATTERN_OPAQUE)
 
 

@@ -212,6 +212,16 @@ def conv2d_compute(shape: ConvShape, knobs: ConvKnobs, relu: bool, residual: boo
     return [data, weight, bias] + extra + [out]
 
 
+def conv2d_kernel(shape: ConvShape, knobs: ConvKnobs, relu: bool = False, residual: bool = False,
+                  pool: Pool | None = None, io: ConvIO = conv_cpu.NCHW) -> tirx.PrimFunc:
+    """The scheduled ``PrimFunc``, parameters as ``conv_cpu.conv2d_kernel``'s (the weight from
+    :func:`pack_weight`, the bias from ``conv_cpu.pack_bias``)."""
+    if not supports(shape) or knobs.winograd not in TILES:
+        raise ValueError(f"no Winograd F({knobs.winograd}, 3) kernel for {shape}")
+    func = te.create_prim_func(conv2d_compute(shape, knobs, relu, residual, pool, io))
+    return conv_cpu.finish_kernel(schedule(func, shape, knobs, pool, io))
+
+
 def schedule(func: tirx.PrimFunc, shape: ConvShape, knobs: ConvKnobs, pool: Pool | None,
              io: ConvIO) -> tirx.PrimFunc:
     import tvm

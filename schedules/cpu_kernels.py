@@ -32,7 +32,7 @@ from tvm.script.ir_builder import tirx as T
 
 from tvm_scalpel.targets import TargetProfile
 
-from . import conv_cpu
+from . import conv_cpu, conv_winograd
 from .spec import F32, CpuKnobs, LayerSpec, TargetRule
 
 
@@ -474,11 +474,16 @@ class LlvmCpuRule(TargetRule):
     def default_conv_knobs(self, profile: TargetProfile, shape: conv_cpu.ConvShape,
                            winograd: bool = True) -> conv_cpu.ConvKnobs:
         lanes = self.conv_lanes(profile)
-        return conv_cpu.default_conv_knobs(shape, lanes, self.vector_registers(lanes), winograd)
+        direct = conv_cpu.default_conv_knobs(shape, lanes, self.vector_registers(lanes))
+        if winograd and conv_winograd.winograd_pays(shape):
+            return conv_winograd.winograd_knobs(shape, direct, conv_winograd.DEFAULT_TILE)
+        return direct
 
     def conv2d(self, profile: TargetProfile, shape: conv_cpu.ConvShape, knobs: conv_cpu.ConvKnobs,
                relu: bool, residual: bool, pool: conv_cpu.Pool | None = None,
                io: conv_cpu.ConvIO = conv_cpu.NCHW) -> tirx.PrimFunc:
+        if knobs.winograd:
+            return conv_winograd.conv2d_kernel(shape, knobs, relu, residual, pool, io)
         return conv_cpu.conv2d_kernel(shape, knobs, self.conv_lanes(profile), relu, residual, pool,
                                       io)
 

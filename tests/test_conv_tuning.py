@@ -60,11 +60,11 @@ def test_every_candidate_computes_the_convolution(rng, shape):
                 ref[0, o, i, j] = np.sum(patch * w[o])
     dev = tvm.cpu()
     for knobs in cands:
-        func = conv_cpu.conv2d_kernel(shape, knobs, PROFILE.simd_width).with_attr("global_symbol", "main")
+        func = schedules.conv2d(PROFILE, shape, knobs).with_attr("global_symbol", "main")
         f = tvm.compile(tvm.IRModule({"main": func}), target=PROFILE.target)["main"]
         out = tvm.runtime.tensor(np.zeros(ref.shape, np.float32), dev)
-        f(tvm.runtime.tensor(x, dev), tvm.runtime.tensor(conv_cpu.pack_weight(w, shape, knobs), dev),
-          tvm.runtime.tensor(conv_cpu.pack_bias(None, shape, knobs), dev), out)
+        f(tvm.runtime.tensor(x, dev), tvm.runtime.tensor(schedules.pack_conv_weight(w, shape, knobs), dev),
+          tvm.runtime.tensor(schedules.pack_conv_bias(None, shape, knobs), dev), out)
         assert rel_err(out.numpy(), ref) < 1e-4, knobs
 
 

@@ -11,7 +11,7 @@ from helpers import make_model, ort_run, rel_err, vm_run
 from onnx import helper, numpy_helper
 from test_blocked_layout import conv_ref, from_blocked, to_blocked
 
-from tvm_scalpel import compile_onnx
+from tvm_scalpel import compile_onnx, schedules
 from tvm_scalpel.onnx_io import to_relax
 from tvm_scalpel.passes import RewriteConvLayers
 from tvm_scalpel.schedules import Blocked, ConvIO, ConvShape, Pool, conv_cpu, conv_winograd
@@ -46,7 +46,7 @@ def test_winograd_kernel_matches_numpy(rng, name, m):
     res_in = None if res_block in (None, "nchw") else Blocked(res_block, oh * ow + 5)
     residual = res_block is not None
     io = ConvIO(data=data_in, residual=res_in, blocked_out=blocked_out)
-    func = conv_cpu.conv2d_kernel(shape, knobs, LANES, relu=True, residual=residual, io=io)
+    func = conv_winograd.conv2d_kernel(shape, knobs, relu=True, residual=residual, io=io)
     assert "wino_gemm" in func.script()
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
                       target=PROFILE.target).mod
@@ -56,7 +56,7 @@ def test_winograd_kernel_matches_numpy(rng, name, m):
     b = rng.standard_normal(o).astype(np.float32)
     r = rng.standard_normal((2, o, oh, ow)).astype(np.float32) if residual else None
     want = conv_ref(x, wt, b, shape, r)
-    args = [to_blocked(x, data_in) if data_in else x, conv_cpu.pack_weight(wt, shape, knobs),
+    args = [to_blocked(x, data_in) if data_in else x, conv_winograd.pack_weight(wt, shape, knobs),
             conv_cpu.pack_bias(b, shape, knobs)]
     if residual:
         args.append(to_blocked(r, res_in) if res_in else r)
@@ -80,7 +80,7 @@ def test_winograd_kernel_with_a_fused_pool_and_a_free_batch(rng):
     shape = ConvShape(tvm.tirx.Var("n", "int64"), LANES, 10, 10, LANES, 3, 3, (1, 1), (1, 1, 1, 1))
     knobs = knobs_for(replace(shape, batch=1), 4)
     pool = Pool((2, 2), (2, 2))
-    func = conv_cpu.conv2d_kernel(shape, knobs, LANES, relu=True, pool=pool)
+    func = conv_winograd.conv2d_kernel(shape, knobs, relu=True, pool=pool)
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
                       target=PROFILE.target).mod
     for batch in (1, 3):
@@ -89,7 +89,7 @@ def test_winograd_kernel_with_a_fused_pool_and_a_free_batch(rng):
         b = rng.standard_normal(LANES).astype(np.float32)
         want = conv_ref(x, wt, b, replace(shape, batch=batch)).reshape(batch, LANES, 5, 2, 5, 2).max(axis=(3, 5))
         tensors = [tvm.runtime.tensor(a) for a in (
-            x, conv_cpu.pack_weight(wt, shape, knobs), conv_cpu.pack_bias(b, shape, knobs),
+            x, conv_winograd.pack_weight(wt, shape, knobs), conv_cpu.pack_bias(b, shape, knobs),
             np.full(want.shape, np.nan, np.float32))]
         lib["main"](*tensors)
         assert rel_err(tensors[-1].numpy(), want) < 5e-5
@@ -121,7 +121,7 @@ def test_weight_transform_is_exact_on_a_delta():
     (ConvShape(8, 192, 13, 13, 384, 3, 3, (1, 1), (1, 1, 1, 1)), False),  # 4x4 tiles pad 13 to 16
 ])
 def test_rule_picks_winograd_where_the_image_outweighs_the_weights(shape, pays):
-    knobs = conv_cpu.default_conv_knobs(shape, LANES, REGISTERS)
+    knobs = schedules.default_conv_knobs(PROFILE, shape)
     assert (knobs.winograd == conv_winograd.DEFAULT_TILE) == pays
     assert conv_winograd.winograd_pays(shape) == pays
 

@@ -20,6 +20,7 @@ from .checks import check_group_width, check_importance, check_mode, check_rate,
 from .errors import ScalpelError
 from .onnx_io import atomic_output, replace_weights, to_relax
 from .passes import (
+    backend_pipeline,
     find_dense_layers,
     LayerDecision,
     PrunedLayer,
@@ -177,7 +178,7 @@ def build_relax(mod: tvm.IRModule, target=None, mode: str = "auto", fuse: bool =
     default pipeline: ``tvm.compile`` with ``scalpel_pipeline``, the one place passes are ordered."""
     profile = resolve_target(target)
     try:
-        default_pipeline = relax.get_default_pipeline(profile.target)
+        default_pipeline = backend_pipeline(profile)
     except ValueError:
         raise ScalpelError(f"TVM cannot compile whole models for target kind {profile.kind!r}") from None
     report: list[LayerDecision] = []

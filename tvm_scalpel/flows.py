@@ -559,13 +559,14 @@ class ConvTuneResult:
         if s.strides != (1, 1):
             what += f" s{s.strides[0]}"
         gain = "-" if not self.rule_seconds else f"{self.rule_seconds / self.seconds:.2f}x"
-        return [self.name, what, k.oc_block, k.ow_tile, "yes" if k.unroll_kw else "no",
+        algorithm = f"Winograd F({k.winograd}x{k.winograd})" if k.winograd else "direct"
+        return [self.name, what, algorithm, k.oc_block, k.ow_tile, "yes" if k.unroll_kw else "no",
                 f"{k.tiles_per_task}/{k.ic_step}", "positions" if k.positions_outer else "channels",
                 f"{self.seconds * 1e6:.1f}", "-" if self.rule_seconds is None else f"{self.rule_seconds * 1e6:.1f}",
                 gain, self.new_trials]
 
 
-CONV_TUNE_HEADERS = ["conv layer", "shape (OxIxKHxKW @HxW)", "channel block", "output tile",
+CONV_TUNE_HEADERS = ["conv layer", "shape (OxIxKHxKW @HxW)", "algorithm", "channel block", "output tile",
                      "kw unrolled", "tiles/task, ic step", "task order", "us", "rule's us",
                      "speed-up", "new trials"]
 
