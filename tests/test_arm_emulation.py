@@ -127,3 +127,19 @@ def test_a_server_that_does_not_start_in_time_is_a_clear_error():
             pass
     assert time.monotonic() - start < 15
     assert qemu_children() == before  # the half-started server was killed
+
+
+def test_winograd_convs_run_under_qemu(server, tmp_path, rng):
+    """ResNet-18's stem and first blocks, narrow: their 3x3 stride-1 layers (16 channels at 16x16)
+    go Winograd on NEON too, and the result equals onnxruntime's."""
+    model = models.resnet18(seed=3, scale=1 / 4, image=64, classes=10)
+    built = compile_onnx(model, "aarch64")
+    export_library(built.executable, tmp_path / "resnet.so", resolve_target("aarch64"))
+    from tvm_scalpel.onnx_io import to_relax
+    from tvm_scalpel.passes import RewriteConvLayers
+
+    mod = RewriteConvLayers("aarch64")(to_relax(model))
+    assert any("wino_gemm" in f.script() for gv, f in mod.functions.items()
+               if gv.name_hint.startswith("scalpel_conv"))
+    x = rng.standard_normal((1, 3, 64, 64)).astype(np.float32)
+    assert_matches_onnxruntime(remote.run_remote(server, tmp_path / "resnet.so", x), model, x)
