@@ -10,8 +10,9 @@ grouped and depthwise convolutions, folds an inference ``nn.batch_norm`` with co
 statistics into its weight and bias, absorbs a residual ``add`` of another tensor of the
 output's shape (ResNet's ``Conv -> BatchNormalization -> Add -> Relu``) and a ``max_pool2d`` or
 ``avg_pool2d`` (ceil mode too) that is the only reader of the result (``Conv -> Relu ->
-MaxPool``: AlexNet, VGG, ResNet's stem; NIN's and ConvNet's ceil-mode max and average pools). Pruning asks for the
-plain form: it must see and replace the weight exactly as the graph holds it.
+MaxPool``: AlexNet, VGG, ResNet's stem; NIN's and ConvNet's ceil-mode max and average pools).
+Pruning asks for the plain form: it must see and replace the weight exactly as the graph holds
+it.
 
 Unfolded over its input patches (im2col), a convolution is a dense layer: ``W`` becomes the
 matrix ``W[O, C*KH*KW]`` (ONNX's own flattening, channel-major) and each output position reads
@@ -213,7 +214,7 @@ def _absorb_pool(layer: ConvLayer, index: GraphIndex) -> None:
     in_ty, out_ty = tensor_type(layer.output), tensor_type(pool)
     if in_ty is None or out_ty is None or out_ty.shape is None:
         return
-    dims = [d for d in (*in_ty.shape.values[2:], *out_ty.shape.values[2:])]
+    dims = [*in_ty.shape.values[2:], *out_ty.shape.values[2:]]
     if not all(isinstance(d, tirx.IntImm) for d in dims):
         return
     h, w, ph, pw = (int(d) for d in dims)

@@ -6,8 +6,8 @@ import tvm
 from tvm import relax
 
 from tvm_scalpel.checks import default_group_width
-from tvm_scalpel.schedules.cpu_elementwise import Elementwise
 from tvm_scalpel.decisions import LayerDecision
+from tvm_scalpel.schedules.cpu_elementwise import Elementwise
 from tvm_scalpel.targets import resolve_target
 
 from .fuse_dense_chains import FuseDenseChains
@@ -32,9 +32,10 @@ def scalpel_pipeline(
     default_pipeline: tvm.transform.Pass | None = None,
 ) -> tvm.transform.Pass:
     """Prune (when ``rate`` is given), rewrite conv and dense layers to our kernels, fuse chains
-    (unless ``fuse=False``), simplify constant powers (LRN's), then TVM's default Relax pipeline for the target, and
-    ``MarkNoAlias`` (keeps LLVM's no-alias guarantee for every kernel). This is the one
-    place the passes are ordered: ``tvm_scalpel.compile`` / ``compile_onnx`` use it too.
+    (unless ``fuse=False``), simplify constant powers (LRN's), then TVM's default Relax pipeline
+    for the target (``backend_pipeline``: with our elementwise rule on CPUs), and ``MarkNoAlias``
+    (keeps LLVM's no-alias guarantee for every kernel). This is the one place the passes are
+    ordered: ``tvm_scalpel.compile`` / ``compile_onnx`` use it too.
 
     ``group_width`` defaults to the target's fp32 SIMD width. ``report`` collects one
     ``LayerDecision`` per rewritten layer; ``knobs_for(n, k, g, rate)`` gives tuned kernel knobs

@@ -583,11 +583,7 @@ def _schedule(func: tirx.PrimFunc, knobs: ConvKnobs, depthwise: bool, kh: int, k
     # over (n, chunk, row); from NCHW the (x, b) loops stay serial (a transpose), from blocks
     # of its own size b is a vector copy
     if not direct:
-        pack = sch.get_sblock("data_pack")
-        n, c, y, x, b = sch.get_loops(pack)
-        sch.parallel(sch.fuse(n, c, y))
-        if io.data is not None and io.data.block == knobs.ic_block:
-            sch.vectorize(b)
+        schedule_pack(sch, knobs.ic_block, io)
 
     epi = sch.get_sblock("epilogue")
     conv = sch.get_sblock("conv")
@@ -647,6 +643,16 @@ def _schedule(func: tirx.PrimFunc, knobs: ConvKnobs, depthwise: bool, kh: int, k
     sch.vectorize(o)
 
     return schedule_pool_and_unpack(sch, knobs.oc_block, pool, io, out_size)
+
+
+def schedule_pack(sch: tvm.s_tir.Schedule, ic_block: int, io: ConvIO) -> None:
+    """The ``data_pack`` stage: threads over (batch, chunk, row); a vector copy along the block
+    where the data comes in blocks of the same size."""
+    pack = sch.get_sblock("data_pack")
+    n, c, y, x, b = sch.get_loops(pack)
+    sch.parallel(sch.fuse(n, c, y))
+    if io.data is not None and io.data.block == ic_block:
+        sch.vectorize(b)
 
 
 def schedule_pool_and_unpack(sch: tvm.s_tir.Schedule, oc_block: int, pool: Pool | None, io: ConvIO,

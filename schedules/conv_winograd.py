@@ -25,6 +25,7 @@ the weight-heavy ones at 14 and 7, which are bound by reading their weights (``w
 from __future__ import annotations
 
 import numpy as np
+import tvm
 from tvm import te, tirx
 
 from . import conv_cpu
@@ -117,12 +118,6 @@ def pack_weight(kernel: np.ndarray, shape: ConvShape, knobs: ConvKnobs) -> np.nd
     out = np.zeros((a * a, occ * ob, icc * ib), np.float32)
     out[:, :o, :i] = u
     return np.ascontiguousarray(out.reshape(a * a, occ, ob, icc, ib).transpose(0, 1, 3, 4, 2))
-
-
-def output_positions(shape: ConvShape) -> int:
-    """The blocked output's positions: the image's, unpadded."""
-    oh, ow = shape.out_size
-    return oh * ow
 
 
 def _combine(row, read):
@@ -224,14 +219,8 @@ def conv2d_kernel(shape: ConvShape, knobs: ConvKnobs, relu: bool = False, residu
 
 def schedule(func: tirx.PrimFunc, shape: ConvShape, knobs: ConvKnobs, pool: Pool | None,
              io: ConvIO) -> tirx.PrimFunc:
-    import tvm
-
     sch = tvm.s_tir.Schedule(func)
-    pack = sch.get_sblock("data_pack")
-    n, c, y, x, b = sch.get_loops(pack)
-    sch.parallel(sch.fuse(n, c, y))
-    if io.data is not None and io.data.block == knobs.ic_block:
-        sch.vectorize(b)
+    conv_cpu.schedule_pack(sch, knobs.ic_block, io)
 
     # input transform: threads over (batch, channel chunk, tile); per tile all a*a outputs
     # from one a x a window of channel vectors
