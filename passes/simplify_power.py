@@ -39,7 +39,7 @@ def _has_power(func) -> bool:
 class _PowerRewriter(relax.PyExprMutator):
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = self.visit_expr_post_order(call)
-        if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.power"):
+        if op_name(call) != "relax.power":
             return call
         q = _quarters(call.args[1])
         base = call.args[0]
