@@ -199,8 +199,8 @@ def _best_tile(width: int, candidates) -> int:
 
 def default_conv_knobs(shape: ConvShape, lanes: int, registers: int | None = None) -> ConvKnobs:
     """The direct kernel's rule (the target rules choose Winograd instead where
-    ``conv_winograd.winograd_pays``): ``oc_block`` two vectors (one when a group has at most ``lanes`` output
-    channels); ``ow_tile`` (output pixels, flattened over rows) as large as the register file
+    ``conv_winograd.winograd_pays``): ``oc_block`` two vectors (one when a group has at most
+    ``lanes`` output channels); ``ow_tile`` (output pixels, flattened over rows) as large as the register file
     allows with the weight vectors and one broadcast beside the accumulators (LLVM spills
     beyond: 7 x 2 ymm ran 2x slower than 5 x 2 on AVX2), shrunk by up to 2 where that wastes
     fewer padded positions; ``ic_block`` up to two vectors' worth of input channels."""
@@ -381,16 +381,6 @@ def reads_blocked_data(shape: ConvShape, knobs: ConvKnobs, io: ConvIO) -> bool:
             and not any(shape.padding))
 
 
-class _Indexed:
-    """A function of indices that reads like a tensor (``t[i, j]``) in TE expressions."""
-
-    def __init__(self, fn):
-        self.fn = fn
-
-    def __getitem__(self, idx):
-        return self.fn(*idx)
-
-
 def _batch(shape: ConvShape):
     """The batch extent: the int, or a fresh variable of the kernel's own (bound from the
     data's shape at the call)."""
@@ -400,7 +390,7 @@ def _batch(shape: ConvShape):
 def epilogue_and_unpack(shape: ConvShape, conv: te.Tensor, bias: te.Tensor, relu: bool,
                          residual: bool, channel_of, chunk_block, pool: Pool | None = None,
                          io: ConvIO = NCHW):
-    """``blocked[n, oc, p, o] = act(conv + bias [+ residual])``, max-pooled by ``pool`` in the
+    """``blocked[n, oc, p, o] = act(conv + bias [+ residual])``, pooled by ``pool`` in the
     blocked layout, then NCHW ``out`` (``io.blocked_out``: the blocked tensor is the output).
     ``channel_of(oc, o)``: (NCHW channel, valid); ``chunk_block(c)``: (oc chunk, o) of channel c."""
     n_, chunks, positions, block = conv.shape
@@ -508,12 +498,13 @@ def conv2d_compute(shape: ConvShape, knobs: ConvKnobs, relu: bool, residual: boo
     if reads_blocked_data(shape, knobs, io):
         # the producer's blocks are the packed layout already, less the padding, of which
         # there is none: read them in place (1x1 convs: a whole copy of the input saved)
-        def packed(n, c, y, x, b):
+        def read(n, c, y, x, b):
             return data[n, c, y * shape.width + x, b]
-
-        packed = _Indexed(packed)
     else:
         packed = pack_data(data, shape, g * icc, ib, hp, wp, in_channel_of, io.data)
+
+        def read(n, c, y, x, b):
+            return packed[n, c, y, x, b]
     rc = te.reduce_axis((0, icc), name="rc")
     ry = te.reduce_axis((0, shape.kh), name="ry")
     rx = te.reduce_axis((0, shape.kw), name="rx")
@@ -521,7 +512,7 @@ def conv2d_compute(shape: ConvShape, knobs: ConvKnobs, relu: bool, residual: boo
 
     def conv_value(n, oc, p, o):
         y, x = _pixel(p, oh, ow)
-        return te.sum(packed[n, (oc // occ) * icc + rc, y * sh + ry * dh, x * sw + rx * dw, rb]
+        return te.sum(read(n, (oc // occ) * icc + rc, y * sh + ry * dh, x * sw + rx * dw, rb)
                       * weight[oc // occ, oc % occ, rc, ry, rx, rb, o], axis=[rc, ry, rx, rb])
 
     conv = te.compute((n_, g * occ, positions, ob), conv_value, name="conv")

@@ -96,8 +96,8 @@ def winograd_knobs(shape: ConvShape, direct: ConvKnobs, m: int) -> ConvKnobs:
 
 def tile_count(shape: ConvShape, m: int) -> int:
     """The m x m output tiles of one image."""
-    oh, ow = shape.out_size
-    return _ceil_div(oh, m) * _ceil_div(ow, m)
+    _, _, th, tw = _geometry(shape, m)
+    return th * tw
 
 
 def _geometry(shape: ConvShape, m: int):
