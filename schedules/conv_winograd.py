@@ -1,10 +1,11 @@
-"""Winograd convolution for 3x3, stride-1 layers on LLVM CPU targets, in the blocked layout.
+"""Winograd convolution for 3x3 and 5x5, stride-1 layers on LLVM CPU targets, in the blocked
+layout.
 
-Winograd's minimal filtering F(m x m, 3 x 3) (Lavin & Gray, "Fast Algorithms for Convolutional
+Winograd's minimal filtering F(m x m, r x r) (Lavin & Gray, "Fast Algorithms for Convolutional
 Neural Networks", CVPR 2016) computes an ``m x m`` output tile from an ``a x a`` input tile
-(``a = m + 2``) with ``a * a`` multiplications per (input, output) channel pair instead of
-``9 * m * m``: 2.25x fewer for F(2x2, 3x3), 4x fewer for F(4x4, 3x3). The kernel runs in four
-stages, each in the NCHW[x]c blocking of ``conv_cpu``:
+(``a = m + r - 1``) with ``a * a`` multiplications per (input, output) channel pair instead of
+``r * r * m * m``: 2.25x fewer for F(2x2, 3x3), 4x for F(4x4, 3x3), 2.8x for F(2x2, 5x5). The
+kernel runs in four stages, each in the NCHW[x]c blocking of ``conv_cpu``:
 
 1. ``data_pack``: the padded input, ``[N, C/ib, Hp, Wp, ib]`` (``conv_cpu.pack_data``);
 2. ``wino_in``: each input tile transformed, ``V = B^T d B``, ``[N, a*a, C/ib, tiles, ib]``;
@@ -16,13 +17,19 @@ stages, each in the NCHW[x]c blocking of ``conv_cpu``:
    GEMMs (their result is still in cache); then ``conv_cpu.epilogue_and_unpack`` (bias,
    residual, ReLU, a fused pool, NCHW or blocked output), as for the direct kernel.
 
+The matrices come from the Toom-Cook construction on the points 0, 1, -1, 2, -2 and infinity
+(:func:`toom_cook`, exact in fractions); F(4x4, 3x3) and F(2x2, 5x5) share their 6 x 6 ``B``.
 The transforms are unrolled with the matrices' nonzero coefficients only. The weights grow by
-``a * a / 9`` (1.8x, 4x) and the transformed input by ``a * a / (m * m)``: Winograd pays on
-layers with many positions and few weights (ResNet's and VGG's 3x3 layers at 56 and 28), not on
-the weight-heavy ones at 14 and 7, which are bound by reading their weights (``winograd_pays``).
+``a * a / (r * r)`` (1.8x and 4x for 3x3, 1.44x for 5x5) and the transformed input by
+``a * a / (m * m)``: Winograd pays on layers with many positions and few weights (ResNet's and
+VGG's 3x3 layers at 56 and 28, NIN's and AlexNet's 5x5 ones), not on the weight-heavy ones at
+14 and 7, which are bound by reading their weights (``winograd_pays``).
 """
 
 from __future__ import annotations
+
+from fractions import Fraction
+from math import prod
 
 import numpy as np
 import tvm
@@ -31,64 +38,116 @@ from tvm import te, tirx
 from . import conv_cpu
 from .conv_cpu import F32, ConvIO, ConvKnobs, ConvShape, Pool, _ceil_div
 
-# F(m, 3) from the points 0, 1, -1 (m = 2) and 0, 1, -1, 2, -2 (m = 4), and infinity: B^T, G, A^T
-MATRICES = {
-    2: (
-        [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
-        [[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]],
-        [[1, 1, 1, 0], [0, 1, -1, -1]],
-    ),
-    4: (
-        [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
-         [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]],
-        [[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
-         [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]],
-        [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]],
-    ),
-}
-TILES = tuple(MATRICES)
+# the finite points of an a x a tile's transforms (the last point is infinity); small integers
+# keep B's and A's coefficients exact in float32 and the rounding error near the direct kernel's
+POINTS = {4: (0, 1, -1), 6: (0, 1, -1, 2, -2)}
+TILES = {3: (2, 4), 5: (2,)}  # output tile sizes m by kernel size r
+
+
+def _inverse(mat: list[list[Fraction]]) -> list[list[Fraction]]:
+    """The exact inverse of a square matrix of fractions (Gauss-Jordan)."""
+    n = len(mat)
+    rows = [list(row) + [Fraction(int(i == j)) for j in range(n)] for i, row in enumerate(mat)]
+    for c in range(n):
+        pivot = next(r for r in range(c, n) if rows[r][c] != 0)
+        rows[c], rows[pivot] = rows[pivot], rows[c]
+        rows[c] = [x / rows[c][c] for x in rows[c]]
+        for r in range(n):
+            if r != c and rows[r][c] != 0:
+                rows[r] = [x - rows[r][c] * y for x, y in zip(rows[r], rows[c])]
+    return [row[n:] for row in rows]
+
+
+def toom_cook(m: int, r: int) -> tuple[list, list, list]:
+    """``(B^T, G, A^T)`` of F(m, r), ``Y = A^T [(G g) * (B^T d)]``, as exact fractions.
+
+    Winograd's correlation is the transpose of Toom-Cook's linear convolution: ``A^T`` evaluates
+    powers at the points, ``G`` evaluates the filter, ``B^T`` is the transposed inverse of the
+    Vandermonde matrix that interpolates the product. Each point's Lagrange denominator moves
+    from ``B^T`` into ``G``, where it is folded into the weights at compile time."""
+    n = m + r - 1
+    p = [Fraction(x) for x in POINTS[n]]
+    one_at = lambda i, k: Fraction(int(i == k))  # noqa: E731  (the point at infinity's row)
+    denominators = [prod((p[j] - p[l] for l in range(n - 1) if l != j), start=Fraction(1))
+                    for j in range(n - 1)]
+    at = [[p[j] ** i for j in range(n - 1)] + [one_at(i, m - 1)] for i in range(m)]
+    g = ([[p[j] ** k / denominators[j] for k in range(r)] for j in range(n - 1)]
+         + [[one_at(k, r - 1) for k in range(r)]])
+    vandermonde = [[p[j] ** k for k in range(n)] for j in range(n - 1)] + [[one_at(k, n - 1) for k in range(n)]]
+    inverse = _inverse(vandermonde)
+    scale = denominators + [Fraction(1)]
+    bt = [[inverse[l][j] * scale[j] for l in range(n)] for j in range(n)]
+    return bt, g, at
+
+
+MATRICES = {(m, r): toom_cook(m, r) for r, ms in TILES.items() for m in ms}
+
+
+def _kernel_size(shape: ConvShape) -> int:
+    return shape.kh
 
 
 def supports(shape: ConvShape) -> bool:
-    """3x3, stride 1, no dilation, ungrouped."""
-    return ((shape.kh, shape.kw) == (3, 3) and shape.strides == (1, 1) and shape.dilation == (1, 1)
-            and shape.groups == 1)
+    """3x3 or 5x5, stride 1, no dilation, ungrouped."""
+    return (shape.kh == shape.kw and shape.kh in TILES and shape.strides == (1, 1)
+            and shape.dilation == (1, 1) and shape.groups == 1)
 
 
-# The rule, measured one layer at a time (2 threads, AVX-512 Zen 4), F(4x4) against the direct
-# kernel at batch 1: ResNet-18's 64 @ 56 2.8x and 128 @ 28 2.5x faster, VGG-11's 128 @ 112 1.8x,
-# 256 @ 56 1.5x, 512 @ 28 1.65x (weights 5.9x its input); ResNet's 256 @ 14 (11.8x) the same;
-# its 512 @ 7 (94x) and AlexNet's 384 @ 13 (20x) 1.4-2x slower: there the (4x larger) weights
-# are what the layer waits for, and few tiles share them. At batch 8: ResNet's 256 @ 14 2.4x
-# faster, its 512 @ 7 1.3x (weights 12x the batch's input: not taken), NIN's 192 @ 8 3x;
-# AlexNet's layers at 13 stayed slower: 4x4 tiles cover 16x16, a third of their work padding
-# (``work_ratio``). On AVX2 code (znver3, same host): ResNet's 64 @ 56 2.4x, 128 @ 28 2.9x and
-# VGG's 512 @ 28 1.9x faster.
-DEFAULT_TILE = 4
+def tiles_for(shape: ConvShape) -> tuple[int, ...]:
+    """The output tile sizes m with a kernel for this layer's filter size."""
+    return TILES[shape.kh] if supports(shape) else ()
+
+
+# The rule, measured in the models (interleaved A/B runs of whole networks, per-kernel times from
+# the VM's instrument; 2 threads, AVX-512 Zen 4). Batch 1: F(4x4, 3x3) is 2x faster than the
+# direct kernel on ResNet-18's 64 @ 56 and 128 @ 28 (F(2x2) 1.5x); at 14, 13 and 7 F(2x2) is the
+# faster one (ResNet's 256 @ 14 1.8x the direct kernel, F(4x4) 1.35x; AlexNet's three layers at
+# 13 1.4x, F(4x4) 1.2x; ResNet's 512 @ 7 1.1x): 4x4 tiles pad 13 and 14 to 16, and their 4x
+# weights (2.25x F(2x2)'s) are read from memory in a model, where a layer alone keeps them in
+# cache. F(2x2, 5x5): AlexNet's conv2 and NIN's 5x5 2.1x faster. Whole models, the rule against
+# F(4x4) only (weights at most 8x the input): AlexNet 6% faster at batch 1, 11% at batch 8,
+# ResNet-18 9% and 9%, VGG-11 3% at batch 8. Limiting the weights (64x the input) only ever cost
+# time, so the limit is loose: the layer's whole batch must be worth its transformed weights.
 MIN_CHANNELS = 16  # an RGB / narrow first layer: the transforms cost more than they save
-MAX_WEIGHT_RATIO = 8  # weights / input elements of the whole batch
-MAX_WORK_RATIO = 0.34  # multiplications of the GEMMs / the direct kernel's (F(4x4): 0.25 at best)
+# transformed weights (a * a per channel pair) / input elements of the whole batch
+MAX_WEIGHT_RATIO = 256  # ResNet-18's 512 @ 7 at batch 1: 167
+# the largest work ratio (GEMM multiplications / the direct kernel's) each tile is taken at, by
+# (m, r), largest tile first: F(4x4, 3x3) where its tiles fit the image well (0.25 at best),
+# else F(2x2, 3x3) (0.44 at best, smaller weights and tiles that pad less); F(2x2, 5x5): 0.36
+MAX_WORK_RATIO = {(4, 3): 0.30, (2, 3): 0.60, (2, 5): 0.45}
 
 
 def work_ratio(shape: ConvShape, m: int) -> float:
     """The GEMMs' multiply-adds over the direct kernel's: ``a * a`` per m x m tile (the last
-    tiles partly padding) against 9 per output pixel."""
+    tiles partly padding) against ``r * r`` per output pixel."""
     oh, ow = shape.out_size
-    return tile_count(shape, m) * (m + 2) ** 2 / (9 * oh * ow)
+    r = _kernel_size(shape)
+    return tile_count(shape, m) * (m + r - 1) ** 2 / (r * r * oh * ow)
+
+
+def rule_tile(shape: ConvShape) -> int:
+    """The rule's choice: the largest output tile m whose work ratio is within its limit and
+    whose transformed weights are not large beside the batch's input (a weight-bound layer waits
+    for them); 0 (the direct kernel) where none is, or for an unsupported or narrow layer."""
+    if not supports(shape) or min(shape.in_channels, shape.out_channels) < MIN_CHANNELS:
+        return 0
+    batch = shape.batch if isinstance(shape.batch, int) else 1
+    image = batch * shape.in_channels * shape.height * shape.width
+    for m in sorted(tiles_for(shape), reverse=True):
+        a = m + shape.kh - 1
+        if (work_ratio(shape, m) <= MAX_WORK_RATIO[m, shape.kh]
+                and shape.out_channels * shape.in_channels * a * a <= MAX_WEIGHT_RATIO * image):
+            return m
+    return 0
 
 
 def winograd_pays(shape: ConvShape) -> bool:
-    """The rule's choice: a supported layer whose image (times the batch, where it is known)
-    is large beside its weights, and whose size the tiles fit without much padding."""
-    batch = shape.batch if isinstance(shape.batch, int) else 1
-    weights = shape.out_channels * shape.in_channels * 9
-    return (supports(shape) and min(shape.in_channels, shape.out_channels) >= MIN_CHANNELS
-            and weights <= MAX_WEIGHT_RATIO * batch * shape.in_channels * shape.height * shape.width
-            and work_ratio(shape, DEFAULT_TILE) <= MAX_WORK_RATIO)
+    """Whether the rule takes Winograd for this layer (:func:`rule_tile`)."""
+    return rule_tile(shape) > 0
 
 
 def winograd_knobs(shape: ConvShape, direct: ConvKnobs, m: int) -> ConvKnobs:
-    """F(m x m, 3 x 3) with the channel blocks of the direct kernel's knobs ``direct``, and as many
+    """F(m x m, r x r) with the channel blocks of the direct kernel's knobs ``direct``, and as many
     tiles in registers as it holds pixels (fewer where that pads less)."""
     return ConvKnobs(oc_block=direct.oc_block, ic_block=direct.ic_block,
                      ow_tile=conv_cpu._tile(tile_count(shape, m), direct.ow_tile), winograd=m)
@@ -106,9 +165,9 @@ def _geometry(shape: ConvShape, m: int):
 
 
 def pack_weight(kernel: np.ndarray, shape: ConvShape, knobs: ConvKnobs) -> np.ndarray:
-    """``W[O, I, 3, 3]`` -> ``U[a*a, O/ob, I/ib, ib, ob]``, ``U[e = eps*a + nu] = (G W G^T)[eps, nu]``
+    """``W[O, I, r, r]`` -> ``U[a*a, O/ob, I/ib, ib, ob]``, ``U[e = eps*a + nu] = (G W G^T)[eps, nu]``
     (computed in float64), zero-padded to whole channel blocks."""
-    _, g, _ = MATRICES[knobs.winograd]
+    _, g, _ = MATRICES[knobs.winograd, _kernel_size(shape)]
     g = np.asarray(g, np.float64)
     a = g.shape[0]
     o, i = kernel.shape[:2]
@@ -127,7 +186,7 @@ def _combine(row, read):
         if c == 0:
             continue
         v = read(r)
-        term = v if c == 1 else (-v if c == -1 else v * tirx.const(c, F32))
+        term = v if c == 1 else (-v if c == -1 else v * tirx.const(float(c), F32))
         total = term if total is None else total + term
     return total
 
@@ -149,8 +208,9 @@ def conv2d_compute(shape: ConvShape, knobs: ConvKnobs, relu: bool, residual: boo
                    pool: Pool | None = None, io: ConvIO = conv_cpu.NCHW):
     """TE tensors ``(data, weight, bias[, residual], out)``, as ``conv_cpu.conv2d_compute``."""
     m = knobs.winograd
-    bt, _, at = MATRICES[m]
-    a = m + 2
+    r = _kernel_size(shape)
+    bt, _, at = MATRICES[m, r]
+    a = m + r - 1
     ob, ib = knobs.oc_block, knobs.ic_block
     occ, icc = _ceil_div(shape.out_channels, ob), _ceil_div(shape.in_channels, ib)
     oh, ow, th, tw = _geometry(shape, m)
@@ -166,7 +226,7 @@ def conv2d_compute(shape: ConvShape, knobs: ConvKnobs, relu: bool, residual: boo
         within = c * ib + b
         return tirx.min(within, shape.in_channels - 1), within < shape.in_channels
 
-    packed = conv_cpu.pack_data(data, shape, icc, ib, th * m + 2, tw * m + 2, in_channel_of, io.data)
+    packed = conv_cpu.pack_data(data, shape, icc, ib, th * m + r - 1, tw * m + r - 1, in_channel_of, io.data)
 
     # the transforms are separable: B^T d B is B^T applied to the rows, then to the columns
     # (half the operations of the 2-D sum, and small expressions for the compiler)
@@ -211,8 +271,8 @@ def conv2d_kernel(shape: ConvShape, knobs: ConvKnobs, relu: bool = False, residu
                   pool: Pool | None = None, io: ConvIO = conv_cpu.NCHW) -> tirx.PrimFunc:
     """The scheduled ``PrimFunc``, parameters as ``conv_cpu.conv2d_kernel``'s (the weight from
     :func:`pack_weight`, the bias from ``conv_cpu.pack_bias``)."""
-    if not supports(shape) or knobs.winograd not in TILES:
-        raise ValueError(f"no Winograd F({knobs.winograd}, 3) kernel for {shape}")
+    if knobs.winograd not in tiles_for(shape):
+        raise ValueError(f"no Winograd F({knobs.winograd}, {shape.kh}) kernel for {shape}")
     func = te.create_prim_func(conv2d_compute(shape, knobs, relu, residual, pool, io))
     return conv_cpu.finish_kernel(schedule(func, shape, knobs, pool, io))
 
@@ -255,7 +315,7 @@ def schedule(func: tirx.PrimFunc, shape: ConvShape, knobs: ConvKnobs, pool: Pool
     sch.compute_at(gemm, task)
     # under the task: e, the tiles, the channel block, then the reduction (rc, rb); compute_at
     # drops the loops of extent 1
-    a = knobs.winograd + 2
+    a = knobs.winograd + _kernel_size(shape) - 1
     order = [("e", a * a), ("t", knobs.ow_tile), ("o", knobs.oc_block),
              ("rc", _ceil_div(shape.in_channels, knobs.ic_block)), ("rb", knobs.ic_block)]
     present = [name for name, extent in order if extent > 1]

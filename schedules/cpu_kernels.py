@@ -475,8 +475,9 @@ class LlvmCpuRule(TargetRule):
                            winograd: bool = True) -> conv_cpu.ConvKnobs:
         lanes = self.conv_lanes(profile)
         direct = conv_cpu.default_conv_knobs(shape, lanes, self.vector_registers(lanes))
-        if winograd and conv_winograd.winograd_pays(shape):
-            return conv_winograd.winograd_knobs(shape, direct, conv_winograd.DEFAULT_TILE)
+        tile = conv_winograd.rule_tile(shape) if winograd else 0
+        if tile:
+            return conv_winograd.winograd_knobs(shape, direct, tile)
         return direct
 
     def conv2d(self, profile: TargetProfile, shape: conv_cpu.ConvShape, knobs: conv_cpu.ConvKnobs,

@@ -1,8 +1,10 @@
-"""Winograd F(m x m, 3 x 3) conv kernels (``schedules/conv_winograd.py``): against a float64
-numpy conv on odd sizes, partial tiles, odd channel counts, padding, residual, pooling and the
-blocked layout; the rule that picks them; and whole exported-style graphs against onnxruntime."""
+"""Winograd F(m x m, r x r) conv kernels (``schedules/conv_winograd.py``): the Toom-Cook
+matrices in exact arithmetic; the kernels against a float64 numpy conv on odd sizes, partial
+tiles, odd channel counts, padding, residual, pooling and the blocked layout; the rule that picks
+them; and whole exported-style graphs against onnxruntime."""
 
 from dataclasses import replace
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -35,11 +37,30 @@ def knobs_for(shape: ConvShape, m: int) -> conv_cpu.ConvKnobs:
     return replace(base, winograd=m, ow_tile=5, tiles_per_task=1, ic_step=0)
 
 
-@pytest.mark.parametrize("m", conv_winograd.TILES)
+TILE_SIZES = [(r, m) for r, ms in conv_winograd.TILES.items() for m in ms]
+
+
+@pytest.mark.parametrize("r, m", TILE_SIZES)
+def test_toom_cook_matrices_correlate_exactly(r, m):
+    """``A^T [(G g) * (B^T d)]`` is the 1-D correlation of d with g, in exact fractions, for
+    random integer inputs (so any wrong coefficient shows, with no rounding to hide it)."""
+    bt, g, at = conv_winograd.MATRICES[m, r]
+    a = m + r - 1
+    assert (len(bt), len(bt[0]), len(g), len(g[0]), len(at), len(at[0])) == (a, a, a, r, m, a)
+    ints = np.random.default_rng(r * 10 + m).integers(-9, 10, size=(5, a + r))
+    for row in ints:
+        d, w = [Fraction(int(v)) for v in row[:a]], [Fraction(int(v)) for v in row[a:]]
+        gw = [sum(gj[k] * w[k] for k in range(r)) for gj in g]
+        bd = [sum(bj[k] * d[k] for k in range(a)) for bj in bt]
+        y = [sum(at[i][j] * gw[j] * bd[j] for j in range(a)) for i in range(m)]
+        assert y == [sum(d[i + k] * w[k] for k in range(r)) for i in range(m)]
+
+
+@pytest.mark.parametrize("r, m", TILE_SIZES)
 @pytest.mark.parametrize("name", list(CASES))
-def test_winograd_kernel_matches_numpy(rng, name, m):
+def test_winograd_kernel_matches_numpy(rng, name, r, m):
     c, h, w_, o, pads, data_block, res_block, blocked_out = CASES[name]
-    shape = ConvShape(2, c, h, w_, o, 3, 3, (1, 1), pads)
+    shape = ConvShape(2, c, h, w_, o, r, r, (1, 1), pads)
     knobs = knobs_for(shape, m)
     oh, ow = shape.out_size
     data_in = Blocked(data_block, h * w_ + 3) if data_block else None
@@ -52,14 +73,14 @@ def test_winograd_kernel_matches_numpy(rng, name, m):
                       target=PROFILE.target).mod
 
     x = rng.standard_normal((2, c, h, w_)).astype(np.float32)
-    wt = rng.standard_normal((o, c, 3, 3)).astype(np.float32)
+    wt = rng.standard_normal((o, c, r, r)).astype(np.float32)
     b = rng.standard_normal(o).astype(np.float32)
-    r = rng.standard_normal((2, o, oh, ow)).astype(np.float32) if residual else None
-    want = conv_ref(x, wt, b, shape, r)
+    res = rng.standard_normal((2, o, oh, ow)).astype(np.float32) if residual else None
+    want = conv_ref(x, wt, b, shape, res)
     args = [to_blocked(x, data_in) if data_in else x, conv_winograd.pack_weight(wt, shape, knobs),
             conv_cpu.pack_bias(b, shape, knobs)]
     if residual:
-        args.append(to_blocked(r, res_in) if res_in else r)
+        args.append(to_blocked(res, res_in) if res_in else res)
     if blocked_out:
         layout = conv_cpu.output_layout(shape, knobs)
         args.append(np.full((2, -(-o // layout.block), layout.positions, layout.block), np.nan, np.float32))
@@ -69,7 +90,7 @@ def test_winograd_kernel_matches_numpy(rng, name, m):
     lib["main"](*tensors)
     out = tensors[-1].numpy()
     got = from_blocked(out, o, oh, ow) if blocked_out else out
-    assert rel_err(got, want) < (1e-5 if m == 2 else 5e-5)
+    assert rel_err(got, want) < (1e-5 if m + r - 1 == 4 else 5e-5)
     if blocked_out:  # padded channels zero, for the next layer's block copy
         flat = out.transpose(0, 1, 3, 2).reshape(2, -1, oh * ow)
         assert np.all(flat[:, o:] == 0.0)
@@ -95,35 +116,42 @@ def test_winograd_kernel_with_a_fused_pool_and_a_free_batch(rng):
         assert rel_err(tensors[-1].numpy(), want) < 5e-5
 
 
-def test_weight_transform_is_exact_on_a_delta():
+@pytest.mark.parametrize("r, m", [(3, 4), (5, 2)])
+def test_weight_transform_is_exact_on_a_delta(r, m):
     """U = G g G^T: for g = a unit tap, the outer product of one column of G with itself."""
-    shape = ConvShape(1, 1, 8, 8, 1, 3, 3, (1, 1), (1, 1, 1, 1))
-    knobs = conv_cpu.ConvKnobs(oc_block=1, ic_block=1, ow_tile=1, winograd=4)
-    for ky, kx in ((0, 0), (1, 2)):
-        w = np.zeros((1, 1, 3, 3), np.float32)
+    shape = ConvShape(1, 1, 8, 8, 1, r, r, (1, 1), (1, 1, 1, 1))
+    knobs = conv_cpu.ConvKnobs(oc_block=1, ic_block=1, ow_tile=1, winograd=m)
+    for ky, kx in ((0, 0), (1, 2), (r - 1, 0)):
+        w = np.zeros((1, 1, r, r), np.float32)
         w[0, 0, ky, kx] = 1.0
         u = conv_winograd.pack_weight(w, shape, knobs).reshape(6, 6)
-        g = np.asarray(conv_winograd.MATRICES[4][1])
+        g = np.asarray(conv_winograd.MATRICES[m, r][1], np.float64)
         np.testing.assert_allclose(u, np.outer(g[:, ky], g[:, kx]), rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("shape, pays", [
-    (ConvShape(1, 64, 56, 56, 64, 3, 3, (1, 1), (1, 1, 1, 1)), True),  # ResNet-18 @ 56
-    (ConvShape(1, 128, 28, 28, 128, 3, 3, (1, 1), (1, 1, 1, 1)), True),
-    (ConvShape(1, 256, 28, 28, 512, 3, 3, (1, 1), (1, 1, 1, 1)), True),  # VGG-11 @ 28
-    (ConvShape(1, 512, 7, 7, 512, 3, 3, (1, 1), (1, 1, 1, 1)), False),  # weights 47x the image
-    (ConvShape(1, 192, 13, 13, 384, 3, 3, (1, 1), (1, 1, 1, 1)), False),  # AlexNet conv3
-    (ConvShape(1, 64, 56, 56, 128, 3, 3, (2, 2), (1, 1, 1, 1)), False),  # stride 2
-    (ConvShape(1, 3, 224, 224, 64, 3, 3, (1, 1), (1, 1, 1, 1)), False),  # RGB input
-    (ConvShape(1, 64, 56, 56, 64, 1, 1), False),
-    (ConvShape(1, 64, 56, 56, 64, 3, 3, (1, 1), (2, 2, 2, 2), (2, 2)), False),  # dilated
-    (ConvShape(8, 256, 14, 14, 256, 3, 3, (1, 1), (1, 1, 1, 1)), True),  # a batch of 8 shares them
-    (ConvShape(8, 192, 13, 13, 384, 3, 3, (1, 1), (1, 1, 1, 1)), False),  # 4x4 tiles pad 13 to 16
+@pytest.mark.parametrize("shape, tile", [
+    (ConvShape(1, 64, 56, 56, 64, 3, 3, (1, 1), (1, 1, 1, 1)), 4),  # ResNet-18 @ 56
+    (ConvShape(1, 128, 28, 28, 128, 3, 3, (1, 1), (1, 1, 1, 1)), 4),
+    (ConvShape(1, 256, 28, 28, 512, 3, 3, (1, 1), (1, 1, 1, 1)), 4),  # VGG-11 @ 28
+    (ConvShape(1, 256, 14, 14, 256, 3, 3, (1, 1), (1, 1, 1, 1)), 2),  # 4x4 tiles pad 14 to 16
+    (ConvShape(1, 512, 7, 7, 512, 3, 3, (1, 1), (1, 1, 1, 1)), 2),
+    (ConvShape(1, 192, 13, 13, 384, 3, 3, (1, 1), (1, 1, 1, 1)), 2),  # AlexNet conv3
+    (ConvShape(8, 192, 13, 13, 384, 3, 3, (1, 1), (1, 1, 1, 1)), 2),
+    (ConvShape(1, 2048, 3, 3, 2048, 3, 3, (1, 1), (1, 1, 1, 1)), 0),  # weights 1800x the image
+    (ConvShape(1, 64, 56, 56, 128, 3, 3, (2, 2), (1, 1, 1, 1)), 0),  # stride 2
+    (ConvShape(1, 3, 224, 224, 64, 3, 3, (1, 1), (1, 1, 1, 1)), 0),  # RGB input
+    (ConvShape(1, 64, 56, 56, 64, 1, 1), 0),
+    (ConvShape(1, 64, 56, 56, 64, 3, 3, (1, 1), (2, 2, 2, 2), (2, 2)), 0),  # dilated
+    (ConvShape(1, 64, 3, 3, 64, 3, 3, (1, 1), (0, 0, 0, 0)), 0),  # one 2x2 tile for 1 output
+    (ConvShape(1, 64, 27, 27, 192, 5, 5, (1, 1), (2, 2, 2, 2)), 2),  # AlexNet conv2
+    (ConvShape(1, 96, 16, 16, 192, 5, 5, (1, 1), (2, 2, 2, 2)), 2),  # NIN's 5x5
+    (ConvShape(1, 3, 32, 32, 192, 5, 5, (1, 1), (2, 2, 2, 2)), 0),  # RGB input
+    (ConvShape(1, 64, 56, 56, 64, 7, 7, (1, 1), (3, 3, 3, 3)), 0),  # no 7x7 Winograd
 ])
-def test_rule_picks_winograd_where_the_image_outweighs_the_weights(shape, pays):
-    knobs = schedules.default_conv_knobs(PROFILE, shape)
-    assert (knobs.winograd == conv_winograd.DEFAULT_TILE) == pays
-    assert conv_winograd.winograd_pays(shape) == pays
+def test_rule_picks_the_winograd_tile_by_padding_and_weights(shape, tile):
+    assert conv_winograd.rule_tile(shape) == tile
+    assert schedules.default_conv_knobs(PROFILE, shape).winograd == tile
+    assert conv_winograd.winograd_pays(shape) == (tile > 0)
 
 
 def test_winograd_layers_in_an_exported_graph_match_onnxruntime(rng):
@@ -156,14 +184,17 @@ def test_winograd_layers_in_an_exported_graph_match_onnxruntime(rng):
         assert rel_err(vm_run(built.executable, x), ort_run(model, x)) < 1e-4
 
 
-def test_a_single_winograd_conv_with_bias_and_relu_matches_onnxruntime(rng):
-    c, o, hw = 24, 40, 17
-    w = (rng.standard_normal((o, c, 3, 3)) / np.sqrt(9 * c)).astype(np.float32)
+@pytest.mark.parametrize("k", [3, 5])
+def test_a_single_winograd_conv_with_bias_and_relu_matches_onnxruntime(rng, k):
+    c, o, hw = 24, 40, 16
+    w = (rng.standard_normal((o, c, k, k)) / np.sqrt(k * k * c)).astype(np.float32)
     b = rng.standard_normal(o).astype(np.float32)
-    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], kernel_shape=[k, k], pads=[k // 2] * 4),
              helper.make_node("Relu", ["c"], ["y"])]
     model = make_model(nodes, [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
                        [("x", ["N", c, hw, hw])], [("y", ["N", o, hw, hw])])
+    mod = RewriteConvLayers("x86")(to_relax(model))
+    assert any("wino_gemm" in f.script() for gv, f in mod.functions.items() if gv.name_hint.startswith("scalpel_conv"))
     built = compile_onnx(model, "x86")
     x = rng.standard_normal((3, c, hw, hw)).astype(np.float32)
     assert rel_err(vm_run(built.executable, x), ort_run(model, x)) < 1e-4

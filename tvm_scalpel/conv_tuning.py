@@ -33,8 +33,8 @@ def conv_key(profile: TargetProfile, shape) -> str:
 
 
 def conv_candidates(profile: TargetProfile, shape) -> list:
-    """The rule's knobs first, then variants of it, without repeats: for a 3x3 stride-1 layer
-    the direct kernel and both Winograd tiles; the (direct) output tile a few pixels either way, the channel block of one, two or four vectors (with the tile the
+    """The rule's knobs first, then variants of it, without repeats: for a 3x3 or 5x5 stride-1 layer
+    the direct kernel and each Winograd tile; the (direct) output tile a few pixels either way, the channel block of one, two or four vectors (with the tile the
     registers then allow), kw unrolled or not, the other task order, cache blocking on / off."""
     from .schedules import conv_winograd, default_conv_knobs
 
@@ -55,7 +55,7 @@ def conv_candidates(profile: TargetProfile, shape) -> list:
         # Winograd tile size, then variants of the direct kernel
         direct = default_conv_knobs(profile, shape, winograd=False)
         add(direct)
-        for m in conv_winograd.TILES:
+        for m in conv_winograd.tiles_for(shape):
             add(conv_winograd.winograd_knobs(shape, direct, m))
         base = direct
     vectors = base.oc_block // lanes
