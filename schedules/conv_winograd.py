@@ -88,9 +88,10 @@ def _kernel_size(shape: ConvShape) -> int:
 
 
 def supports(shape: ConvShape) -> bool:
-    """3x3 or 5x5, stride 1, no dilation, ungrouped."""
+    """3x3 or 5x5, stride 1, no dilation, ungrouped, more than one input channel (one has no
+    reduction for the GEMMs to block, and its transforms would cost more than they save)."""
     return (shape.kh == shape.kw and shape.kh in TILES and shape.strides == (1, 1)
-            and shape.dilation == (1, 1) and shape.groups == 1)
+            and shape.dilation == (1, 1) and shape.groups == 1 and shape.in_channels > 1)
 
 
 def tiles_for(shape: ConvShape) -> tuple[int, ...]:

@@ -147,11 +147,30 @@ def test_weight_transform_is_exact_on_a_delta(r, m):
     (ConvShape(1, 96, 16, 16, 192, 5, 5, (1, 1), (2, 2, 2, 2)), 2),  # NIN's 5x5
     (ConvShape(1, 3, 32, 32, 192, 5, 5, (1, 1), (2, 2, 2, 2)), 0),  # RGB input
     (ConvShape(1, 64, 56, 56, 64, 7, 7, (1, 1), (3, 3, 3, 3)), 0),  # no 7x7 Winograd
+    (ConvShape(1, 1, 28, 28, 6, 5, 5, (1, 1), (2, 2, 2, 2)), 0),  # LeNet-5's conv1: one channel
 ])
 def test_rule_picks_the_winograd_tile_by_padding_and_weights(shape, tile):
+    """The rule's tile for real layers (F(4x4) where its tiles fit, F(2x2) where 4x4 tiles pad
+    much, none where the weights dwarf the image or the layer has no kernel)."""
     assert conv_winograd.rule_tile(shape) == tile
     assert schedules.default_conv_knobs(PROFILE, shape).winograd == tile
     assert conv_winograd.winograd_pays(shape) == (tile > 0)
+
+
+@pytest.mark.parametrize("shape", [
+    ConvShape(1, 1, 28, 28, 6, 5, 5, (1, 1), (2, 2, 2, 2)),  # LeNet-5's layers
+    ConvShape(1, 6, 14, 14, 16, 5, 5),
+    ConvShape(1, 2, 9, 9, 3, 3, 3),
+    ConvShape(1, 3, 32, 32, 8, 3, 3, (1, 1), (1, 1, 1, 1)),
+])
+def test_every_tuner_candidate_schedules_on_narrow_layers(shape):
+    """``tune`` tries both algorithms on layers the rule leaves direct: each candidate builds."""
+    from tvm_scalpel.conv_tuning import conv_candidates
+
+    candidates = conv_candidates(PROFILE, shape)
+    assert any(k.winograd for k in candidates) == conv_winograd.supports(shape)
+    for knobs in candidates:
+        assert isinstance(schedules.conv2d(PROFILE, shape, knobs, relu=True), tvm.tirx.PrimFunc)
 
 
 def test_winograd_layers_in_an_exported_graph_match_onnxruntime(rng):
