@@ -109,3 +109,24 @@ def test_cli_tune_prints_the_conv_table_and_takes_a_conv_only_model(rng, tmp_pat
     res = run_cli("tune", tmp_path / "m.onnx", "--db", tmp_path / "db.jsonl", "--conv-trials", "2", "--quiet")
     assert res.returncode == 0, res.stderr
     assert "channel block" in res.stdout and "4 new measurements" in res.stdout
+
+
+def test_tune_table_names_the_algorithm_with_the_filter_size():
+    shape = ConvShape(1, 96, 16, 16, 192, 5, 5, (1, 1), (2, 2, 2, 2))
+    knobs = schedules.default_conv_knobs(PROFILE, shape)
+    row = flows.ConvTuneResult("conv4.weight", shape, knobs, 5e-4, 1e-3, 2).row()
+    assert row[:3] == ["conv4.weight", "192x96x5x5 @16x16", "Winograd F(2x2, 5x5)"]
+    assert row[-2:] == ["2.00x", 2]
+    direct = flows.ConvTuneResult("c", shape, schedules.default_conv_knobs(PROFILE, shape, winograd=False),
+                                  1e-3, None, 0).row()
+    assert direct[2] == "direct" and direct[-2] == "-"
+
+
+def test_time_conv_times_blocked_and_grouped_layers():
+    """Blocked in and out for a dense conv, NCHW for a depthwise one; both a plausible time."""
+    from tvm_scalpel.conv_tuning import time_conv
+
+    for shape in (ConvShape(1, 24, 10, 10, 40, 3, 3, (1, 1), (1, 1, 1, 1)),
+                  ConvShape(1, 12, 8, 8, 12, 3, 3, (1, 1), (1, 1, 1, 1), groups=12)):
+        seconds = time_conv(PROFILE, shape, schedules.default_conv_knobs(PROFILE, shape), repeat=3)
+        assert 0 < seconds < 0.1

@@ -84,27 +84,38 @@ def time_conv(profile: TargetProfile, shape, knobs, seed: int = 0, repeat: int =
     """Seconds per call of the blocked conv kernel for ``shape`` built with ``knobs`` (random
     weights and input; the batch of a free-batch shape is 1).
 
-    Each call starts with the weights (every argument but the input) flushed from the caches,
-    as in a model, where the other layers' weights pass through them between two calls. Timed
-    hot, F(4x4) Winograd's 4x larger weights stay in cache and it wins layers at 14 and 7 that
-    it loses in the model."""
+    The kernel is timed as a model runs it: its input and output in the blocked layout (as
+    between two conv layers: the NCHW variant times the layout changes too, and picked task
+    orders and tiles that were slower in the model), and each call starts with the weights
+    (every argument but the input) flushed from the caches, as the other layers' weights
+    pass through them between two calls in a model (timed hot, F(4x4) Winograd's 4x larger
+    weights stay in cache, and it wins layers at 14 and 7 that it loses in the model). A
+    grouped conv is timed in NCHW, the layout it takes."""
     import tvm
 
-    from .schedules import conv2d, pack_conv_bias, pack_conv_weight
+    from .schedules import Blocked, ConvIO, conv2d, conv_output_layout, pack_conv_bias, pack_conv_weight
 
     if not isinstance(shape.batch, int):
         shape = replace(shape, batch=1)
-    func = conv2d(profile, shape, knobs, relu=True).with_attr("global_symbol", "main")
-    lib = tvm.compile(tvm.IRModule({"main": func}), target=profile.target)
-    rng = np.random.default_rng(seed)
-    ci = shape.in_channels // shape.groups
-    w = rng.standard_normal((shape.out_channels, ci, shape.kh, shape.kw)).astype(np.float32)
-    x = rng.standard_normal((shape.batch, shape.in_channels, shape.height, shape.width)).astype(np.float32)
+    n, c, h, w = shape.batch, shape.in_channels, shape.height, shape.width
     oh, ow = shape.out_size
+    rng = np.random.default_rng(seed)
+    if shape.groups == 1:
+        io = ConvIO(data=Blocked(knobs.ic_block, h * w), blocked_out=True)
+        x = rng.standard_normal((n, -(-c // knobs.ic_block), h * w, knobs.ic_block))
+        layout = conv_output_layout(shape, knobs)
+        out_shape = (n, -(-shape.out_channels // layout.block), layout.positions, layout.block)
+    else:
+        io = ConvIO()
+        x = rng.standard_normal((n, c, h, w))
+        out_shape = (n, shape.out_channels, oh, ow)
+    func = conv2d(profile, shape, knobs, relu=True, io=io).with_attr("global_symbol", "main")
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=profile.target)
+    weight = rng.standard_normal((shape.out_channels, c // shape.groups, shape.kh, shape.kw))
     dev = tvm.cpu()
-    args = [tvm.runtime.tensor(a, dev) for a in (
-        x, pack_conv_weight(w, shape, knobs), pack_conv_bias(None, shape, knobs),
-        np.zeros((shape.batch, shape.out_channels, oh, ow), np.float32))]
+    args = [tvm.runtime.tensor(np.asarray(a, np.float32), dev) for a in (
+        x, pack_conv_weight(weight.astype(np.float32), shape, knobs), pack_conv_bias(None, shape, knobs),
+        np.zeros(out_shape, np.float32))]
     timer = lib.mod.time_evaluator("main", dev, number=1, repeat=repeat,
                                    f_preproc="cache_flush_cpu_non_first_arg")
     return float(np.median(timer(*args).results))

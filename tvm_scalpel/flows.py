@@ -559,7 +559,7 @@ class ConvTuneResult:
         if s.strides != (1, 1):
             what += f" s{s.strides[0]}"
         gain = "-" if not self.rule_seconds else f"{self.rule_seconds / self.seconds:.2f}x"
-        algorithm = f"Winograd F({k.winograd}x{k.winograd}, {shape.kh}x{shape.kw})" if k.winograd else "direct"
+        algorithm = f"Winograd F({k.winograd}x{k.winograd}, {s.kh}x{s.kw})" if k.winograd else "direct"
         return [self.name, what, algorithm, k.oc_block, k.ow_tile, "yes" if k.unroll_kw else "no",
                 f"{k.tiles_per_task}/{k.ic_step}", "positions" if k.positions_outer else "channels",
                 f"{self.seconds * 1e6:.1f}", "-" if self.rule_seconds is None else f"{self.rule_seconds * 1e6:.1f}",
