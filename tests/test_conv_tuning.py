@@ -130,3 +130,27 @@ def test_time_conv_times_blocked_and_grouped_layers():
                   ConvShape(1, 12, 8, 8, 12, 3, 3, (1, 1), (1, 1, 1, 1), groups=12)):
         seconds = time_conv(PROFILE, shape, schedules.default_conv_knobs(PROFILE, shape), repeat=3)
         assert 0 < seconds < 0.1
+
+
+def test_a_rule_timed_slow_once_is_timed_again_and_kept(tmp_path, monkeypatch):
+    """One slow timing of the rule's knobs (a busy moment) must not hand the layer to others."""
+    from tvm_scalpel import conv_tuning
+
+    shape = ConvShape(1, 24, 10, 10, 40, 3, 3, (1, 1), (1, 1, 1, 1))
+    rule = schedules.default_conv_knobs(PROFILE, shape)
+    calls = []
+
+    def fake_time(profile, s, knobs, **kw):
+        calls.append(knobs)
+        if knobs == rule:
+            return 3e-3 if calls.count(rule) == 1 else 1e-3
+        return 2e-3
+
+    monkeypatch.setattr(conv_tuning, "time_conv", fake_time)
+    db = TuningDatabase(tmp_path / "db.jsonl")
+    best, seconds, rule_seconds, new = conv_tuning.tune_conv(PROFILE, shape, db, trials=4)
+    assert new == 4 and best == rule and seconds == rule_seconds == 1e-3
+    assert calls.count(rule) == 1 + conv_tuning.CONFIRM_ROUNDS
+    assert db.conv_knobs_for(PROFILE, shape) == rule
+    calls.clear()
+    assert conv_tuning.tune_conv(PROFILE, shape, db, trials=4)[3] == 0 and not calls  # nothing new
