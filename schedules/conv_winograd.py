@@ -21,9 +21,11 @@ The matrices come from the Toom-Cook construction on the points 0, 1, -1, 2, -2 
 (:func:`toom_cook`, exact in fractions); F(4x4, 3x3) and F(2x2, 5x5) share their 6 x 6 ``B``.
 The transforms are unrolled with the matrices' nonzero coefficients only. The weights grow by
 ``a * a / (r * r)`` (1.8x and 4x for 3x3, 1.44x for 5x5) and the transformed input by
-``a * a / (m * m)``: Winograd pays on layers with many positions and few weights (ResNet's and
-VGG's 3x3 layers at 56 and 28, NIN's and AlexNet's 5x5 ones), not on the weight-heavy ones at
-14 and 7, which are bound by reading their weights (``winograd_pays``).
+``a * a / (m * m)``: F(4x4, 3x3) pays on layers whose image its tiles fit (ResNet's and VGG's
+3x3 layers at 112 to 28); on smaller images (14, 13, 7), whose 4x4 tiles would pad much and
+whose larger weights are read from memory in a model, F(2x2, 3x3) does; F(2x2, 5x5) on 5x5
+layers (NIN's, AlexNet's conv2); none where the transformed weights dwarf the batch's image
+(:func:`rule_tile`).
 """
 
 from __future__ import annotations
@@ -83,8 +85,9 @@ def toom_cook(m: int, r: int) -> tuple[list, list, list]:
 MATRICES = {(m, r): toom_cook(m, r) for r, ms in TILES.items() for m in ms}
 
 
-def _kernel_size(shape: ConvShape) -> int:
-    return shape.kh
+def input_tile(shape: ConvShape, m: int) -> int:
+    """``a = m + r - 1``: the side of the input tile an m x m output tile of this layer reads."""
+    return m + shape.kh - 1
 
 
 def supports(shape: ConvShape) -> bool:
@@ -122,8 +125,7 @@ def work_ratio(shape: ConvShape, m: int) -> float:
     """The GEMMs' multiply-adds over the direct kernel's: ``a * a`` per m x m tile (the last
     tiles partly padding) against ``r * r`` per output pixel."""
     oh, ow = shape.out_size
-    r = _kernel_size(shape)
-    return tile_count(shape, m) * (m + r - 1) ** 2 / (r * r * oh * ow)
+    return tile_count(shape, m) * input_tile(shape, m) ** 2 / (shape.kh * shape.kw * oh * ow)
 
 
 def rule_tile(shape: ConvShape) -> int:
@@ -135,7 +137,7 @@ def rule_tile(shape: ConvShape) -> int:
     batch = shape.batch if isinstance(shape.batch, int) else 1
     image = batch * shape.in_channels * shape.height * shape.width
     for m in sorted(tiles_for(shape), reverse=True):
-        a = m + shape.kh - 1
+        a = input_tile(shape, m)
         if (work_ratio(shape, m) <= MAX_WORK_RATIO[m, shape.kh]
                 and shape.out_channels * shape.in_channels * a * a <= MAX_WEIGHT_RATIO * image):
             return m
@@ -168,7 +170,7 @@ def _geometry(shape: ConvShape, m: int):
 def pack_weight(kernel: np.ndarray, shape: ConvShape, knobs: ConvKnobs) -> np.ndarray:
     """``W[O, I, r, r]`` -> ``U[a*a, O/ob, I/ib, ib, ob]``, ``U[e = eps*a + nu] = (G W G^T)[eps, nu]``
     (computed in float64), zero-padded to whole channel blocks."""
-    _, g, _ = MATRICES[knobs.winograd, _kernel_size(shape)]
+    _, g, _ = MATRICES[knobs.winograd, shape.kh]
     g = np.asarray(g, np.float64)
     a = g.shape[0]
     o, i = kernel.shape[:2]
@@ -209,9 +211,8 @@ def conv2d_compute(shape: ConvShape, knobs: ConvKnobs, relu: bool, residual: boo
                    pool: Pool | None = None, io: ConvIO = conv_cpu.NCHW):
     """TE tensors ``(data, weight, bias[, residual], out)``, as ``conv_cpu.conv2d_compute``."""
     m = knobs.winograd
-    r = _kernel_size(shape)
-    bt, _, at = MATRICES[m, r]
-    a = m + r - 1
+    bt, _, at = MATRICES[m, shape.kh]
+    a = input_tile(shape, m)
     ob, ib = knobs.oc_block, knobs.ic_block
     occ, icc = _ceil_div(shape.out_channels, ob), _ceil_div(shape.in_channels, ib)
     oh, ow, th, tw = _geometry(shape, m)
@@ -227,7 +228,7 @@ def conv2d_compute(shape: ConvShape, knobs: ConvKnobs, relu: bool, residual: boo
         within = c * ib + b
         return tirx.min(within, shape.in_channels - 1), within < shape.in_channels
 
-    packed = conv_cpu.pack_data(data, shape, icc, ib, th * m + r - 1, tw * m + r - 1, in_channel_of, io.data)
+    packed = conv_cpu.pack_data(data, shape, icc, ib, (th - 1) * m + a, (tw - 1) * m + a, in_channel_of, io.data)
 
     # the transforms are separable: B^T d B is B^T applied to the rows, then to the columns
     # (half the operations of the 2-D sum, and small expressions for the compiler)
@@ -316,7 +317,7 @@ def schedule(func: tirx.PrimFunc, shape: ConvShape, knobs: ConvKnobs, pool: Pool
     sch.compute_at(gemm, task)
     # under the task: e, the tiles, the channel block, then the reduction (rc, rb); compute_at
     # drops the loops of extent 1
-    a = knobs.winograd + _kernel_size(shape) - 1
+    a = input_tile(shape, knobs.winograd)
     order = [("e", a * a), ("t", knobs.ow_tile), ("o", knobs.oc_block),
              ("rc", _ceil_div(shape.in_channels, knobs.ic_block)), ("rb", knobs.ic_block)]
     present = [name for name, extent in order if extent > 1]
